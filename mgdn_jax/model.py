@@ -1,0 +1,105 @@
+"""The whole MGDN network: embedding, fusion stages, reconstruction."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from mgdn_jax.layers import ConvAct, conv, lrelu
+from mgdn_jax.mgdf import MutualMGDF, ReferenceMGDF
+from mgdn_jax.transformer import TransformerGroup
+
+# Index of the input whose embedding is added back before the last conv.
+_SKIP_INPUT = {"fusion": 0, "gdsr": 1, "hdr": 1}
+
+
+def pad_to_multiple(x: jax.Array, multiple: int, mode: str = "reflect") -> jax.Array:
+    """Pads (B, H, W, C) at the bottom/right so that H and W are multiples of `multiple`."""
+    _, h, w, _ = x.shape
+    ph, pw = -h % multiple, -w % multiple
+    if ph >= h or pw >= w:
+        raise ValueError(
+            f"image of {h}x{w} is too small to reflect-pad to a multiple of {multiple}"
+        )
+    return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
+
+
+class FusionStage(nnx.Module):
+    """MGDF -> 1x1 merge -> context-aware transformer blocks -> dilated conv, then one 1x1
+    conv per input on concat(context, filtered input)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, stage: int, *, rngs: nnx.Rngs):
+        c, n = cfg.embed_dim, len(cfg.in_channels)
+        mgdf = ReferenceMGDF if cfg.task == "hdr" else MutualMGDF
+        self.mgdf = mgdf(c, cfg.mgca_heads, rngs=rngs)
+        self.merge = conv(n * c, c, 1, rngs=rngs)
+        self.transformer = TransformerGroup(
+            c, cfg.depths[stage], cfg.num_heads[stage], cfg.window_size, cfg.mlp_ratio, rngs=rngs
+        )
+        self.dilated_conv = conv(c, c, 3, dilation=2, rngs=rngs)
+        self.out_convs = nnx.List([conv(2 * c, c, 1, rngs=rngs) for _ in range(n)])
+
+    def __call__(self, xs: list[jax.Array]) -> list[jax.Array]:
+        """n (B, H, W, C) maps -> n (B, H, W, C) maps."""
+        filtered = self.mgdf(xs)
+        x = self.merge(jnp.concatenate(filtered, axis=-1))
+        context = self.dilated_conv(self.transformer(x))
+        return [
+            out(jnp.concatenate([context, f], axis=-1))
+            for out, f in zip(self.out_convs, filtered)
+        ]
+
+
+class MGDN(nnx.Module):
+    """Mutual-Guided Dynamic Network.
+
+    Inputs are NHWC float arrays of one (B, H, W) size: MFF/MEF two (B, H, W, 3) images; HDR
+    three (B, H, W, 6) frames (LDR || LDR^gamma / t), the middle one the reference; GDSR an RGB
+    (B, H, W, 3) image and an upsampled (B, H, W, 1) depth map. Output: (B, H, W, out) in [0, 1].
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        c = cfg.embed_dim
+        self.variant = cfg.variant
+        self.in_channels = tuple(cfg.in_channels)
+        self.window_size = cfg.window_size
+        self.skip_input = _SKIP_INPUT[cfg.task]
+        self.num_inputs = len(self.in_channels)
+        if cfg.task == "hdr":
+            self.embed = nnx.List([conv(cfg.in_channels[0], c, 3, rngs=rngs)])
+        else:
+            self.embed = nnx.List([conv(ch, c, 3, rngs=rngs) for ch in cfg.in_channels])
+        self.stages = nnx.List([FusionStage(cfg, i, rngs=rngs) for i in range(len(cfg.depths))])
+        self.merge = ConvAct(self.num_inputs * c, c, 3, lrelu(0.2), rngs=rngs)
+        self.head = ConvAct(c, cfg.out_channels, 3, jax.nn.sigmoid, rngs=rngs)
+
+    def _embed(self, i: int, x: jax.Array) -> jax.Array:
+        return self.embed[i % len(self.embed)](x)
+
+    def __call__(self, *inputs: jax.Array) -> jax.Array:
+        if len(inputs) != self.num_inputs:
+            raise ValueError(
+                f"variant {self.variant!r} takes {self.num_inputs} inputs, got {len(inputs)}"
+            )
+        h, w = inputs[0].shape[1:3]
+        for i, (x, ch) in enumerate(zip(inputs, self.in_channels)):
+            if x.ndim != 4 or x.shape[1:3] != (h, w) or x.shape[-1] != ch:
+                raise ValueError(
+                    f"input {i} has shape {tuple(x.shape)}; variant {self.variant!r} expects "
+                    f"(B, {h}, {w}, {ch})"
+                )
+        feats = [
+            self._embed(i, pad_to_multiple(x, self.window_size)) for i, x in enumerate(inputs)
+        ]
+        skip = feats[self.skip_input]
+        for stage in self.stages:
+            feats = stage(feats)
+        x = self.merge(jnp.concatenate(feats, axis=-1)) + skip
+        return self.head(x)[:, :h, :w, :]
+
+
+def build_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> MGDN:
+    """Builds a randomly initialised MGDN from a model ConfigDict (see `mgdn_jax.variants`)."""
+    return MGDN(cfg, rngs=nnx.Rngs(seed))
