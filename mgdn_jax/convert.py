@@ -98,11 +98,22 @@ def official_param_names(cfg: ml_collections.ConfigDict) -> Iterator[str]:
         for b in range(depth):
             blk = f"layers.{s}.residual_group.blocks.{b}."
             yield blk + "attn.relative_position_bias_table"
-            for mod in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2",
-                        "lce.conv.0", "lce.conv.1", "lce.conv.2"):
+            for mod in (
+                "norm1",
+                "norm2",
+                "attn.qkv",
+                "attn.proj",
+                "mlp.fc1",
+                "mlp.fc2",
+                "lce.conv.0",
+                "lce.conv.1",
+                "lce.conv.2",
+            ):
                 yield from (blk + mod + p for p in wb)
             yield from (blk + "lce.fc.0.weight", blk + "lce.fc.2.weight")
-        for mod in ["dilated_conv", "adjust_channel"] + [f"adjust_channel_0{i + 1}" for i in range(n)]:
+        for mod in ["dilated_conv", "adjust_channel"] + [
+            f"adjust_channel_0{i + 1}" for i in range(n)
+        ]:
             yield from (f"layers.{s}.{mod}{p}" for p in wb)
     for mod in ("conv_after_body.0", "conv_last.0"):
         yield from (mod + p for p in wb)
@@ -159,13 +170,13 @@ def load_state_dict(
     for name in sorted(expected):
         var = params[param_path(name)]
         value = _to_jax_layout(name, np.asarray(state_dict[name], np.float32))
-        if value.shape != var.value.shape:
+        if value.shape != var.get_value().shape:
             torch_shape = tuple(np.shape(state_dict[name]))
             raise UserError(
                 f"{source}: tensor {name!r} has shape {torch_shape}, expected one that maps to "
-                f"{tuple(var.value.shape)}{hint}"
+                f"{tuple(var.get_value().shape)}{hint}"
             )
-        var.value = jnp.asarray(value)
+        var.set_value(jnp.asarray(value))
     return model
 
 

@@ -29,8 +29,8 @@ def _pad_replicate(x: jax.Array, k: int) -> jax.Array:
 def _check(x: jax.Array, taps: jax.Array, k: int) -> None:
     if x.ndim != 4 or taps.ndim != 4 or x.shape[:3] != taps.shape[:3] or taps.shape[-1] != k * k:
         raise ValueError(
-                f"dynamic filter needs x (B, H, W, C) and taps (B, H, W, {k * k}) of the same B, H, W; "
-                f"got {x.shape} and {taps.shape}"
+            f"dynamic filter needs x (B, H, W, C) and taps (B, H, W, {k * k}) of the same B, H, W; "
+            f"got {x.shape} and {taps.shape}"
         )
 
 
@@ -42,7 +42,7 @@ def _filter_image_shifted(x: jax.Array, taps: jax.Array, k: int) -> jax.Array:
     for dy in range(k):
         for dx in range(k):
             t = k * dy + dx
-            out = out + xpad[dy:dy + h, dx:dx + w, :] * taps[:, :, t:t + 1]
+            out = out + xpad[dy : dy + h, dx : dx + w, :] * taps[:, :, t : t + 1]
     return out.astype(x.dtype)
 
 
@@ -51,7 +51,7 @@ def _filter_image_unfold(x: jax.Array, taps: jax.Array, k: int) -> jax.Array:
     h, w, _ = x.shape
     xpad = _pad_replicate(x, k)
     patches = jnp.stack(
-            [xpad[dy:dy + h, dx:dx + w, :] for dy in range(k) for dx in range(k)], axis=-1
+        [xpad[dy : dy + h, dx : dx + w, :] for dy in range(k) for dx in range(k)], axis=-1
     )
     return jnp.einsum("hwct,hwt->hwc", patches, taps, precision=jax.lax.Precision.HIGHEST)
 
@@ -74,7 +74,7 @@ def dynamic_filter(x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE
 
 @functools.partial(jax.jit, static_argnames="kernel_size")
 def dynamic_filter_unfold(
-        x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE
+    x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE
 ) -> jax.Array:
     """Reference unfold formulation of `dynamic_filter` (materialises (B, H, W, C, k*k))."""
     _check(x, taps, kernel_size)

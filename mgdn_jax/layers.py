@@ -37,7 +37,6 @@ def conv(
     )
 
 
-
 class ConvAct(nnx.Module):
     """A `conv` followed by an activation, e.g. conv3x3 -> LReLU(0.1)."""
 

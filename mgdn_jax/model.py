@@ -47,8 +47,7 @@ class FusionStage(nnx.Module):
         x = self.merge(jnp.concatenate(filtered, axis=-1))
         context = self.dilated_conv(self.transformer(x))
         return [
-            out(jnp.concatenate([context, f], axis=-1))
-            for out, f in zip(self.out_convs, filtered)
+            out(jnp.concatenate([context, f], axis=-1)) for out, f in zip(self.out_convs, filtered)
         ]
 
 
@@ -90,9 +89,7 @@ class MGDN(nnx.Module):
                     f"input {i} has shape {tuple(x.shape)}; variant {self.variant!r} expects "
                     f"(B, {h}, {w}, {ch})"
                 )
-        feats = [
-            self._embed(i, pad_to_multiple(x, self.window_size)) for i, x in enumerate(inputs)
-        ]
+        feats = [self._embed(i, pad_to_multiple(x, self.window_size)) for i, x in enumerate(inputs)]
         skip = feats[self.skip_input]
         for stage in self.stages:
             feats = stage(feats)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,8 +103,12 @@ class LocalContext(nnx.Module):
         self.reduce = conv(dim, hidden, 1, rngs=rngs)
         self.spatial = conv(hidden, hidden, 3, rngs=rngs)
         self.expand = conv(hidden, dim, 1, rngs=rngs)
-        self.gate_reduce = nnx.Linear(dim, hidden, use_bias=False, kernel_init=_trunc_normal, rngs=rngs)
-        self.gate_expand = nnx.Linear(hidden, dim, use_bias=False, kernel_init=_trunc_normal, rngs=rngs)
+        self.gate_reduce = nnx.Linear(
+            dim, hidden, use_bias=False, kernel_init=_trunc_normal, rngs=rngs
+        )
+        self.gate_expand = nnx.Linear(
+            hidden, dim, use_bias=False, kernel_init=_trunc_normal, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C)."""

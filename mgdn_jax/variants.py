@@ -19,16 +19,47 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     cfg.variant = variant
     cfg.mgca_heads = 6
     if variant == "mff":
-        cfg.update(task="fusion", embed_dim=30, depths=(3, 3), num_heads=(3, 3), window_size=4,
-                   mlp_ratio=2.0, in_channels=(3, 3), out_channels=3)
+        cfg.update(
+            task="fusion",
+            embed_dim=30,
+            depths=(3, 3),
+            num_heads=(3, 3),
+            window_size=4,
+            mlp_ratio=2.0,
+            in_channels=(3, 3),
+            out_channels=3,
+        )
     elif variant == "mef":
-        cfg.update(task="fusion", embed_dim=60, depths=(6, 6), num_heads=(6, 6), window_size=8,
-                   mlp_ratio=2.0, in_channels=(3, 3), out_channels=3)
+        cfg.update(
+            task="fusion",
+            embed_dim=60,
+            depths=(6, 6),
+            num_heads=(6, 6),
+            window_size=8,
+            mlp_ratio=2.0,
+            in_channels=(3, 3),
+            out_channels=3,
+        )
     elif variant == "hdr":
-        cfg.update(task="hdr", embed_dim=60, depths=(6, 6, 6), num_heads=(6, 6, 6), window_size=8,
-                   mlp_ratio=4.0, in_channels=(6, 6, 6), out_channels=3)
+        cfg.update(
+            task="hdr",
+            embed_dim=60,
+            depths=(6, 6, 6),
+            num_heads=(6, 6, 6),
+            window_size=8,
+            mlp_ratio=4.0,
+            in_channels=(6, 6, 6),
+            out_channels=3,
+        )
     else:
-        cfg.update(task="gdsr", embed_dim=60 if variant == "gdsr16" else 30, depths=(3, 3, 3),
-                   num_heads=(6, 6, 6), window_size=4, mlp_ratio=4.0, in_channels=(3, 1),
-                   out_channels=1)
+        cfg.update(
+            task="gdsr",
+            embed_dim=60 if variant == "gdsr16" else 30,
+            depths=(3, 3, 3),
+            num_heads=(6, 6, 6),
+            window_size=4,
+            mlp_ratio=4.0,
+            in_channels=(3, 1),
+            out_channels=1,
+        )
     return cfg

@@ -1,0 +1,31 @@
+"""Shared test set-up: float32 with 'highest' matmul precision, a persistent compilation cache,
+and the read-only reference data in ../shared (or $MGDN_SHARED)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MGDN_SHARED", REPO.parent / "shared"))
+REFERENCE = SHARED / "reference"
+
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update(
+    "jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", str(REPO / ".jax_cache"))
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    """../shared/reference; missing data fails under CI=true and skips elsewhere."""
+    if not REFERENCE.is_dir():
+        message = f"reference data not found at {REFERENCE} (set MGDN_SHARED)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return REFERENCE
