@@ -41,9 +41,13 @@ class FusionStage(nnx.Module):
         self.dilated_conv = conv(c, c, 3, dilation=2, rngs=rngs)
         self.out_convs = nnx.List([conv(2 * c, c, 1, rngs=rngs) for _ in range(n)])
 
-    def __call__(self, xs: list[jax.Array]) -> list[jax.Array]:
-        """n (B, H, W, C) maps -> n (B, H, W, C) maps."""
-        filtered = self.mgdf(xs)
+    def __call__(
+        self, xs: list[jax.Array], filtered: list[jax.Array] | None = None
+    ) -> list[jax.Array]:
+        """n (B, H, W, C) maps -> n (B, H, W, C) maps. `filtered`, if given, is `self.mgdf(xs)`
+        computed by the caller (who also needs it)."""
+        if filtered is None:
+            filtered = self.mgdf(xs)
         x = self.merge(jnp.concatenate(filtered, axis=-1))
         context = self.dilated_conv(self.transformer(x))
         return [
@@ -77,7 +81,11 @@ class MGDN(nnx.Module):
     def _embed(self, i: int, x: jax.Array) -> jax.Array:
         return self.embed[i % len(self.embed)](x)
 
-    def __call__(self, *inputs: jax.Array) -> jax.Array:
+    def __call__(
+        self, *inputs: jax.Array, return_features: bool = False
+    ) -> jax.Array | tuple[jax.Array, list[list[jax.Array]]]:
+        """Fuses the inputs; with `return_features`, also returns the MGDF-filtered maps of every
+        stage: features[stage][input] is (B, Hp, Wp, C) at the window-padded size Hp x Wp."""
         if len(inputs) != self.num_inputs:
             raise ValueError(
                 f"variant {self.variant!r} takes {self.num_inputs} inputs, got {len(inputs)}"
@@ -91,10 +99,13 @@ class MGDN(nnx.Module):
                 )
         feats = [self._embed(i, pad_to_multiple(x, self.window_size)) for i, x in enumerate(inputs)]
         skip = feats[self.skip_input]
+        filtered = []
         for stage in self.stages:
-            feats = stage(feats)
+            filtered.append(stage.mgdf(feats))
+            feats = stage(feats, filtered[-1])
         x = self.merge(jnp.concatenate(feats, axis=-1)) + skip
-        return self.head(x)[:, :h, :w, :]
+        out = self.head(x)[:, :h, :w, :]
+        return (out, filtered) if return_features else out
 
 
 def build_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> MGDN:
