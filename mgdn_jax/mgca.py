@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgdn_jax.layers import conv
+from mgdn_jax.layers import DepthwiseConv3x3, conv
 
 NORM_EPS = 1e-12
 
@@ -34,9 +34,9 @@ class MGCA(nnx.Module):
         self.num_heads = num_heads
         self.temperature = nnx.Param(jnp.ones((num_heads,), jnp.float32))
         self.q = conv(channels, channels, 1, rngs=rngs)
-        self.q_dwconv = conv(channels, channels, 3, groups=channels, rngs=rngs)
+        self.q_dwconv = DepthwiseConv3x3(channels, rngs=rngs)
         self.kv = conv(channels, 2 * channels, 1, rngs=rngs)
-        self.kv_dwconv = conv(2 * channels, 2 * channels, 3, groups=2 * channels, rngs=rngs)
+        self.kv_dwconv = DepthwiseConv3x3(2 * channels, rngs=rngs)
         self.project_out = conv(channels, channels, 1, rngs=rngs)
 
     def _heads(self, x: jax.Array) -> jax.Array:

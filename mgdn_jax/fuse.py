@@ -1,0 +1,169 @@
+"""`mgdn-fuse`: fuse images with a converted or official MGDN checkpoint.
+
+    mgdn-fuse --variant mff --weights mff_62000_E.pth --output fused.png A.jpg B.jpg
+    mgdn-fuse --variant mef --weights DIR --input-dir under/ over/ --output-dir out/
+    mgdn-fuse --variant hdr --weights W --exposures 0 2 4 --output out.hdr l1.tif l2.tif l3.tif
+    mgdn-fuse --variant gdsr --weights W --scale 4 --output depth.npy rgb.jpg lr_depth.npy
+
+The output suffix picks the format: .png/.jpg uint8 with the official quantisation (clip, x255,
+round), .npy float32 before quantisation, .tif 16-bit, .hdr Radiance (HDR). GDSR writes the
+depth in the units of the input (.npy) and a coloured preview beside it (`NAME.preview.png`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mgdn_jax import image_io
+from mgdn_jax.errors import UserError, run_cli
+from mgdn_jax.variants import VARIANTS
+
+HDR_GAMMA = 2.2
+INPUT_COUNT = {"mff": 2, "mef": 2, "hdr": 3, "gdsr": 2, "gdsr16": 2}
+
+
+def _same_size(paths: list[Path], arrays: list[np.ndarray]) -> None:
+    h, w = arrays[0].shape[:2]
+    for p, a in zip(paths[1:], arrays[1:]):
+        if a.shape[:2] != (h, w):
+            raise UserError(
+                f"{p}: size {a.shape[1]}x{a.shape[0]} differs from {paths[0]} ({w}x{h})"
+            )
+
+
+def hdr_inputs(ldrs: list[np.ndarray], times: np.ndarray) -> list[np.ndarray]:
+    """LDR frames (H, W, 3) and exposure times -> network inputs (H, W, 6): LDR || LDR^2.2 / t."""
+    return [np.concatenate([x, x**HDR_GAMMA / t], axis=-1) for x, t in zip(ldrs, times)]
+
+
+def prepare(variant: str, paths: list[Path], args: argparse.Namespace) -> tuple[list, dict]:
+    """Reads one example's files -> (network inputs (H, W, C_i), extras for `finish`)."""
+    if variant.startswith("gdsr"):
+        from mgdn_jax.image_ops import bicubic_resize
+
+        rgb = image_io.read_image(paths[0])
+        lr = image_io.read_depth(paths[1])
+        h, w = rgb.shape[:2]
+        if (lr.shape[0] * args.scale, lr.shape[1] * args.scale) != (h, w):
+            raise UserError(
+                f"{paths[1]}: depth of shape {lr.shape} times scale {args.scale} does not match "
+                f"the {h}x{w} RGB image {paths[0]}"
+            )
+        lo, hi = float(lr.min()), float(lr.max())
+        normalised = (lr - lo) / (hi - lo) if hi > lo else np.zeros_like(lr)
+        up = bicubic_resize(normalised, (h, w))[..., None]
+        return [rgb, up.astype(np.float32)], {"depth_range": (lo, hi)}
+    images = [image_io.read_image(p) for p in paths]
+    _same_size(paths, images)
+    if variant == "hdr":
+        if args.exposures is None:
+            raise UserError("HDR needs --exposures EV EV EV or --exposure-file exposure.txt")
+        return hdr_inputs(images, args.exposures), {}
+    return images, {}
+
+
+def finish(variant: str, output: np.ndarray, extras: dict, path: Path) -> None:
+    """Writes one result (and the GDSR preview)."""
+    if variant.startswith("gdsr"):
+        lo, hi = extras["depth_range"]
+        depth = np.clip(output[..., 0], 0.0, 1.0) * (hi - lo) + lo
+        image_io.write_output(path, depth[..., None] if path.suffix != ".npy" else depth)
+        image_io.write_output(path.with_suffix(".preview.png"), image_io.depth_preview(depth))
+    else:
+        image_io.write_output(path, output)
+
+
+def _pairs(dirs: list[Path]) -> list[list[Path]]:
+    """Pairs the image files of several directories by sorted order."""
+    listings = []
+    for d in dirs:
+        if not d.is_dir():
+            raise UserError(f"{d}: no such directory")
+        files = sorted(
+            p for p in d.iterdir() if p.suffix.lower() in image_io.IMAGE_SUFFIXES + (".npy",)
+        )
+        if not files:
+            raise UserError(f"{d}: no input files")
+        listings.append(files)
+    counts = {len(f) for f in listings}
+    if len(counts) != 1:
+        raise UserError(
+            "input directories hold different numbers of files: "
+            + ", ".join(f"{d} ({len(f)})" for d, f in zip(dirs, listings))
+        )
+    return [list(group) for group in zip(*listings)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mgdn-fuse", description=__doc__.split("\n\n")[0])
+    p.add_argument("inputs", nargs="*", type=Path, help="input files of one example, in order")
+    p.add_argument("--variant", required=True, choices=VARIANTS)
+    p.add_argument("--weights", required=True, type=Path, help=".pth or converted directory")
+    p.add_argument("--output", type=Path, help="output file (suffix picks the format)")
+    p.add_argument("--input-dir", nargs="+", type=Path, help="one directory per input")
+    p.add_argument("--output-dir", type=Path, help="with --input-dir")
+    p.add_argument("--format", default=".png", help="output suffix in directory mode")
+    p.add_argument("--pad", choices=("official", "model"), default="official")
+    p.add_argument("--scale", type=int, default=4, help="GDSR upsampling factor")
+    p.add_argument("--exposures", type=float, nargs="+", help="HDR: EV stops of the frames")
+    p.add_argument("--exposure-file", type=Path, help="HDR: Kalantari exposure.txt")
+    return p
+
+
+def _jobs(args: argparse.Namespace) -> list[tuple[list[Path], Path]]:
+    if args.input_dir:
+        if args.inputs or args.output:
+            raise UserError("use either INPUT... --output or --input-dir ... --output-dir")
+        if args.output_dir is None:
+            raise UserError("--input-dir needs --output-dir")
+        if not args.format.startswith("."):
+            args.format = "." + args.format
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        return [
+            (group, args.output_dir / (group[0].stem + args.format))
+            for group in _pairs(args.input_dir)
+        ]
+    if args.output is None or not args.inputs:
+        raise UserError("give the input files and --output (or --input-dir/--output-dir)")
+    return [(args.inputs, args.output)]
+
+
+def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) -> None:
+    jobs = _jobs(args)
+    for _, out in jobs:
+        image_io.check_writable(out)
+    expected = INPUT_COUNT[args.variant]
+    for paths, _ in jobs:
+        if len(paths) != expected:
+            raise UserError(f"variant {args.variant!r} takes {expected} inputs, got {len(paths)}")
+    if args.exposure_file is not None:
+        args.exposures = image_io.read_exposures(args.exposure_file, expected)
+    elif args.exposures is not None:
+        if len(args.exposures) != expected:
+            raise UserError(f"--exposures needs {expected} values, got {len(args.exposures)}")
+        args.exposures = np.power(2.0, np.asarray(args.exposures, np.float32))
+
+    from mgdn_jax.convert import load_weights
+    from mgdn_jax.inference import jit_forward, run
+
+    model = load_weights(args.weights, args.variant)
+    forward = jit_forward(model)
+    for paths, out in progress(jobs, desc="fusing", unit="image", disable=len(jobs) == 1):
+        inputs, extras = prepare(args.variant, paths, args)
+        finish(args.variant, run(forward, inputs, model.window_size, args.pad), extras, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from tqdm import tqdm
+
+    return run_cli(lambda: fuse_files(args, tqdm))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
