@@ -44,7 +44,7 @@ def hdr_inputs(ldrs: list[np.ndarray], times: np.ndarray) -> list[np.ndarray]:
 def prepare(variant: str, paths: list[Path], args: argparse.Namespace) -> tuple[list, dict]:
     """Reads one example's files -> (network inputs (H, W, C_i), extras for `finish`)."""
     if variant.startswith("gdsr"):
-        from mgdn_jax.image_ops import bicubic_resize
+        from mgdn_jax.resize import bicubic_resize
 
         rgb = image_io.read_image(paths[0])
         lr = image_io.read_depth(paths[1])
@@ -135,8 +135,11 @@ def _jobs(args: argparse.Namespace) -> list[tuple[list[Path], Path]]:
 
 def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) -> None:
     jobs = _jobs(args)
-    for _, out in jobs:
+    for paths, out in jobs:
         image_io.check_writable(out)
+        for p in paths:
+            if not p.is_file():
+                raise UserError(f"{p}: no such file")
     expected = INPUT_COUNT[args.variant]
     for paths, _ in jobs:
         if len(paths) != expected:

@@ -103,12 +103,14 @@ def read_exposures(path: str | Path, count: int) -> np.ndarray:
 def check_writable(path: str | Path) -> Path:
     """Fails early, before any work, if `path` cannot be written or has no known format."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: not writable (it is a directory)")
     if path.suffix.lower() not in OUTPUT_SUFFIXES:
         raise UserError(f"{path}: unknown output format; use one of {', '.join(OUTPUT_SUFFIXES)}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"{path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK) or path.is_dir():
+    if not os.access(parent, os.W_OK):
         raise UserError(f"{path}: not writable")
     return path
 

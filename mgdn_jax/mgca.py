@@ -11,13 +11,18 @@ from mgdn_jax.layers import DepthwiseConv3x3, conv
 NORM_EPS = 1e-12
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
-    """x / max(||x||_2, eps) along `axis`, as `torch.nn.functional.normalize`.
+def inverse_norm(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
+    """1 / max(||x||_2, eps) along `axis` (kept), the factor of `torch.nn.functional.normalize`.
 
-    Written as x / sqrt(max(sum(x^2), eps^2)) so the gradient stays finite at x = 0.
+    Written as rsqrt(max(sum(x^2), eps^2)) so the gradient stays finite at x = 0.
     """
     sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+    return jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
+    """x / max(||x||_2, eps) along `axis`, as `torch.nn.functional.normalize`."""
+    return x * inverse_norm(x, axis, eps)
 
 
 class MGCA(nnx.Module):
@@ -39,20 +44,25 @@ class MGCA(nnx.Module):
         self.kv_dwconv = DepthwiseConv3x3(2 * channels, rngs=rngs)
         self.project_out = conv(channels, channels, 1, rngs=rngs)
 
-    def _heads(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, C) -> (B, heads, C / heads, H * W)."""
-        b, h, w, c = x.shape
-        return x.reshape(b, h * w, self.num_heads, c // self.num_heads).transpose(0, 2, 3, 1)
-
     def __call__(self, guide: jax.Array, other: jax.Array) -> jax.Array:
-        """(B, H, W, C) guide and other -> (B, H, W, C)."""
+        """(B, H, W, C) guide and other -> (B, H, W, C).
+
+        Computed without moving pixels to a minor axis: the full (C, C) Gram matrix q^T k over
+        pixels is one matmul, the per-channel norms rescale it (equal to normalising q and k
+        first), and its diagonal head blocks give the attention, applied back to v as a
+        block-diagonal (C, C) matrix.
+        """
         b, h, w, c = guide.shape
-        q = self.q_dwconv(self.q(guide))
-        k, v = jnp.split(self.kv_dwconv(self.kv(other)), 2, axis=-1)
-        q = l2_normalize(self._heads(q))
-        k = l2_normalize(self._heads(k))
-        logits = jnp.einsum("bncp,bndp->bncd", q, k) * self.temperature[None, :, None, None]
-        attn = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bncd,bndp->bncp", attn, self._heads(v))
-        out = out.transpose(0, 3, 1, 2).reshape(b, h, w, c)
-        return self.project_out(out)
+        heads, per_head = self.num_heads, c // self.num_heads
+        q = self.q_dwconv(self.q(guide)).reshape(b, h * w, c)
+        k, v = jnp.split(self.kv_dwconv(self.kv(other)).reshape(b, h * w, 2 * c), 2, axis=-1)
+        gram = jnp.einsum("bpc,bpd->bcd", q, k)
+        inv_q = inverse_norm(q, axis=1)  # (B, 1, C)
+        inv_k = inverse_norm(k, axis=1)
+        gram = gram * inv_q.transpose(0, 2, 1) * inv_k
+        blocks = gram.reshape(b, heads, per_head, heads, per_head)
+        blocks = jnp.einsum("bhchd->bhcd", blocks)
+        attn = jax.nn.softmax(blocks * self.temperature[None, :, None, None], axis=-1)
+        block_diag = jnp.einsum("bhcd,hg->bhcgd", attn, jnp.eye(heads, dtype=attn.dtype))
+        out = jnp.einsum("bpd,bcd->bpc", v, block_diag.reshape(b, c, c))
+        return self.project_out(out.reshape(b, h, w, c))

@@ -1,0 +1,281 @@
+"""End-to-end `mgdn-fuse`: official parity on the 20 Lytro pairs, every variant, bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from mgdn_jax import fuse, image_io
+
+
+def _fuse(*args: str | Path) -> int:
+    return fuse.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def mff_weights(reference: Path) -> Path:
+    return reference / "weights" / "mff_62000_E.pth"
+
+
+def test_lytro_png_matches_official(reference: Path, mff_weights: Path, tmp_path: Path):
+    lytro = reference / "lytro"
+    rc = _fuse(
+        "--variant",
+        "mff",
+        "--weights",
+        mff_weights,
+        "--input-dir",
+        lytro / "A",
+        lytro / "B",
+        "--output-dir",
+        tmp_path,
+        "--format",
+        ".png",
+    )
+    assert rc == 0
+    pngs = sorted((reference / "lytro_official").glob("*.png"))
+    assert len(pngs) == 20
+    for ref_png in pngs:
+        ours = np.asarray(Image.open(tmp_path / ref_png.name)).astype(np.int32)
+        ref = np.asarray(Image.open(ref_png)).astype(np.int32)
+        assert ours.shape == ref.shape
+        diff = np.abs(ours - ref)
+        assert diff.max() <= 1, ref_png.name
+        assert (diff == 0).mean() >= 0.999, ref_png.name
+
+
+def test_lytro_npy_matches_official(reference: Path, mff_weights: Path, tmp_path: Path):
+    refs = sorted((reference / "lytro_official").glob("*.npy"))
+    assert len(refs) == 5
+    for ref_npy in refs:
+        name = ref_npy.stem
+        out = tmp_path / f"{name}.npy"
+        rc = _fuse(
+            "--variant",
+            "mff",
+            "--weights",
+            mff_weights,
+            "--output",
+            out,
+            reference / "lytro" / "A" / f"{name}.jpg",
+            reference / "lytro" / "B" / f"{name}.jpg",
+        )
+        assert rc == 0
+        ours, ref = np.load(out), np.load(ref_npy)
+        assert ours.shape == ref.shape and ours.dtype == np.float32
+        assert np.abs(ours - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_converted_directory_and_model_padding(reference: Path, mff_weights: Path, tmp_path):
+    from mgdn_jax.convert import main as convert_main
+
+    converted = tmp_path / "mff"
+    assert convert_main([str(mff_weights), "--variant", "mff", "--output", str(converted)]) == 0
+    a = tmp_path / "a.png"
+    b = tmp_path / "b.png"
+    for src, dst in (
+        (reference / "lytro/A/lytro_05.jpg", a),
+        (reference / "lytro/B/lytro_05.jpg", b),
+    ):
+        Image.open(src).crop((300, 100, 370, 145)).save(dst)  # 70x45, as the activation file
+    out = tmp_path / "o.npy"
+    assert (
+        _fuse("--variant", "mff", "--weights", converted, "--pad", "model", "--output", out, a, b)
+        == 0
+    )
+    acts = np.load(reference / "activations" / "mff_pretrained_lytro05_45x70.npz")
+    # The activation crops came from the JPEGs decoded the same way.
+    np.testing.assert_allclose(image_io.read_image(a)[None], acts["input0"], atol=1e-7)
+    np.testing.assert_allclose(np.load(out)[None], acts["output"], atol=1e-4)
+    tif = tmp_path / "o.tif"
+    assert _fuse("--variant", "mff", "--weights", converted, "--output", tif, a, b) == 0
+    assert tifffile.imread(tif).dtype == np.uint16
+
+
+def test_mef_directory_mode(reference: Path, tmp_path: Path):
+    under, over = tmp_path / "under", tmp_path / "over"
+    under.mkdir()
+    over.mkdir()
+    for name in ("Arno", "ArchSequence"):
+        for src_dir, dst_dir, tag in (
+            (reference / "mef_samples/under", under, "A"),
+            (reference / "mef_samples/over", over, "B"),
+        ):
+            src = next(src_dir.glob(f"{name}_{tag}.*"))
+            Image.open(src).convert("RGB").resize((40, 32)).save(dst_dir / f"{name}_{tag}.png")
+    out = tmp_path / "out"
+    rc = _fuse(
+        "--variant",
+        "mef",
+        "--weights",
+        reference / "variants/mef_random.pth",
+        "--input-dir",
+        under,
+        over,
+        "--output-dir",
+        out,
+        "--format",
+        "jpg",
+    )
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ArchSequence_A.jpg", "Arno_A.jpg"]
+
+
+def test_hdr_writes_radiance(reference: Path, tmp_path: Path):
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(3):
+        path = tmp_path / f"ldr{i}.tif"
+        tifffile.imwrite(path, rng.integers(0, 65535, (24, 32, 3), dtype=np.uint16))
+        frames.append(path)
+    (tmp_path / "exposure.txt").write_text("0\n2\n4\n")
+    out = tmp_path / "out.hdr"
+    rc = _fuse(
+        "--variant",
+        "hdr",
+        "--weights",
+        reference / "variants/hdr_random.pth",
+        "--exposure-file",
+        tmp_path / "exposure.txt",
+        "--output",
+        out,
+        *frames,
+    )
+    assert rc == 0
+    npy = tmp_path / "out.npy"
+    rc = _fuse(
+        "--variant",
+        "hdr",
+        "--weights",
+        reference / "variants/hdr_random.pth",
+        "--exposures",
+        "0",
+        "2",
+        "4",
+        "--output",
+        npy,
+        *frames,
+    )
+    assert rc == 0
+    hdr, linear = image_io.read_rgbe(out), np.load(npy)
+    assert hdr.shape == linear.shape == (24, 32, 3)
+    # RGBE shares one exponent per pixel: 8-bit mantissas relative to the brightest channel.
+    assert np.all(np.abs(hdr - linear) <= linear.max(axis=-1, keepdims=True) * 2**-7 + 1e-6)
+
+
+def test_gdsr_depth_and_preview(reference: Path, tmp_path: Path):
+    rgb = reference / "gdsr_samples/RGB/1444.jpg"
+    depth = np.load(reference / "gdsr_samples/Depth/1444.npy")
+    lr = tmp_path / "lr.npy"
+    np.save(lr, depth[::4, ::4])
+    out = tmp_path / "depth.npy"
+    rc = _fuse(
+        "--variant",
+        "gdsr",
+        "--weights",
+        reference / "variants/gdsr_random.pth",
+        "--scale",
+        "4",
+        "--output",
+        out,
+        rgb,
+        lr,
+    )
+    assert rc == 0
+    pred = np.load(out)
+    assert pred.shape == depth.shape
+    assert depth[::4, ::4].min() - 1e-4 <= pred.min() and pred.max() <= depth[::4, ::4].max() + 1e-4
+    preview = np.asarray(Image.open(tmp_path / "depth.preview.png"))
+    assert preview.shape == depth.shape + (3,)
+
+
+def _bad(capsys, tmp_path: Path, *args) -> str:
+    before = set(tmp_path.rglob("*"))
+    assert _fuse(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert set(tmp_path.rglob("*")) == before, "a failed run left files behind"
+    return err
+
+
+def test_bad_input(reference: Path, mff_weights: Path, tmp_path: Path, capsys):
+    a, b = reference / "lytro/A/lytro_01.jpg", reference / "lytro/B/lytro_01.jpg"
+    out = tmp_path / "out.png"
+    mff = ("--variant", "mff", "--weights", mff_weights)
+    assert "missing.jpg" in _bad(
+        capsys, tmp_path, *mff, "--output", out, a, tmp_path / "missing.jpg"
+    )
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    assert "corrupt.png" in _bad(capsys, tmp_path, *mff, "--output", out, a, corrupt)
+    other = reference / "mef_samples/under/Arno_A.png"
+    assert "Arno_A.png" in _bad(capsys, tmp_path, *mff, "--output", out, a, other)
+    assert "takes 2 inputs" in _bad(capsys, tmp_path, *mff, "--output", out, a)
+    gdsr = reference / "variants/gdsr_random.pth"
+    assert "gdsr_random.pth" in _bad(
+        capsys, tmp_path, "--variant", "mff", "--weights", gdsr, "--output", out, a, b
+    )
+    assert "nowhere" in _bad(capsys, tmp_path, *mff, "--output", tmp_path / "nowhere/o.png", a, b)
+    assert "not writable" in _bad(capsys, tmp_path, *mff, "--output", tmp_path, a, b)
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(tiny)
+    assert "too small" in _bad(capsys, tmp_path, *mff, "--output", out, tiny, tiny)
+    depth = tmp_path / "lr.npy"
+    np.save(depth, np.ones((10, 10), np.float32))
+    assert "lr.npy" in _bad(
+        capsys,
+        tmp_path,
+        "--variant",
+        "gdsr",
+        "--weights",
+        gdsr,
+        "--output",
+        tmp_path / "d.npy",
+        reference / "gdsr_samples/RGB/1444.jpg",
+        depth,
+    )
+    assert "exposures" in _bad(
+        capsys,
+        tmp_path,
+        "--variant",
+        "hdr",
+        "--weights",
+        reference / "variants/hdr_random.pth",
+        "--output",
+        tmp_path / "o.hdr",
+        a,
+        a,
+        a,
+    )
+
+
+def test_console_script(reference: Path, tmp_path: Path):
+    exe = shutil.which("mgdn-fuse") or pytest.fail("mgdn-fuse is not installed")
+    result = subprocess.run(
+        [
+            exe,
+            "--variant",
+            "mff",
+            "--weights",
+            str(tmp_path / "none.pth"),
+            "--output",
+            str(tmp_path / "o.png"),
+            "a.jpg",
+            "b.jpg",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: a.jpg: no such file"]
+    module = subprocess.run(
+        [sys.executable, "-m", "mgdn_jax.fuse", "--help"], capture_output=True, text=True
+    )
+    assert module.returncode == 0 and "--variant" in module.stdout
