@@ -2,6 +2,7 @@
 x16 uses the width-60 model."""
 
 import ml_collections
+from ml_collections import config_dict
 
 from mgdn_jax.variants import model_config
 
@@ -15,6 +16,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = model_config("gdsr16" if scale == 16 else "gdsr")
     config.data = ml_collections.ConfigDict(
-        dict(train_dataset="gdsr_nyuv2", eval_dataset="gdsr_nyuv2", patch_size=256, scale=scale)
+        dict(
+            train_dataset="gdsr_nyuv2",
+            train_split="train",
+            eval_dataset="gdsr_nyuv2",
+            eval_split="test",
+            data_dir=config_dict.placeholder(str),
+            patch_size=256,
+            scale=scale,
+            global_batch=8,
+            seed=0,
+            num_workers=4,
+            read_threads=4,
+            prefetch_buffer=32,
+        )
     )
     return config

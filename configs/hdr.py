@@ -1,6 +1,7 @@
 """HDR deghosting (Kalantari 2017): three LDR frames, the middle one the reference."""
 
 import ml_collections
+from ml_collections import config_dict
 
 from mgdn_jax.variants import model_config
 
@@ -10,6 +11,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = model_config("hdr")
     config.data = ml_collections.ConfigDict(
-        dict(train_dataset="hdr_kalantari", eval_dataset="hdr_kalantari", patch_size=128, gamma=2.2)
+        dict(
+            train_dataset="hdr_kalantari",
+            train_split="train",
+            eval_dataset="hdr_kalantari",
+            eval_split="test",
+            data_dir=config_dict.placeholder(str),
+            patch_size=128,
+            gamma=2.2,
+            global_batch=8,
+            seed=0,
+            num_workers=4,
+            read_threads=2,
+            # A decoded Kalantari scene is ~45 MB: keep few in flight per worker.
+            prefetch_buffer=8,
+        )
     )
     return config

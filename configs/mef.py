@@ -1,6 +1,7 @@
 """Multi-exposure fusion (MEF): under- and over-exposed RGB pairs."""
 
 import ml_collections
+from ml_collections import config_dict
 
 from mgdn_jax.variants import model_config
 
@@ -10,6 +11,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = model_config("mef")
     config.data = ml_collections.ConfigDict(
-        dict(train_dataset="mef_sice", eval_dataset="mef_benchmark", patch_size=128)
+        dict(
+            train_dataset="mef_sice",
+            train_split="train",
+            eval_dataset="mef_benchmark",
+            eval_split="test",
+            data_dir=config_dict.placeholder(str),
+            patch_size=128,
+            global_batch=8,
+            seed=0,
+            num_workers=4,
+            read_threads=4,
+            prefetch_buffer=32,
+        )
     )
     return config

@@ -1,6 +1,7 @@
 """Multi-focus fusion (MFF): the released pretrained architecture (62000 iterations)."""
 
 import ml_collections
+from ml_collections import config_dict
 
 from mgdn_jax.variants import model_config
 
@@ -10,6 +11,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = model_config("mff")
     config.data = ml_collections.ConfigDict(
-        dict(train_dataset="mff_realmff", eval_dataset="mff_lytro", patch_size=128)
+        dict(
+            train_dataset="mff_realmff",
+            train_split="train",
+            eval_dataset="mff_lytro",
+            eval_split="test",
+            data_dir=config_dict.placeholder(str),
+            patch_size=128,
+            global_batch=8,
+            seed=0,
+            num_workers=4,
+            read_threads=4,
+            prefetch_buffer=32,
+        )
     )
     return config

@@ -35,5 +35,5 @@ def bicubic_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resizes (H, W) or (H, W, C) to `size` = (H', W') as PyTorch bicubic, in float64 -> float32."""
     rows = bicubic_matrix(image.shape[0], size[0])
     cols = bicubic_matrix(image.shape[1], size[1])
-    out = np.einsum("ih,hw...,jw->ij...", rows, image.astype(np.float64), cols)
+    out = np.einsum("ih,hw...,jw->ij...", rows, image.astype(np.float64), cols, optimize=True)
     return out.astype(np.float32)

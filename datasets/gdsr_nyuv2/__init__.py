@@ -1,0 +1,1 @@
+"""The `gdsr_nyuv2` TFDS builder."""

@@ -1,0 +1,1 @@
+"""The `hdr_kalantari` TFDS builder."""

@@ -1,0 +1,1 @@
+"""The `mef_benchmark` TFDS builder."""

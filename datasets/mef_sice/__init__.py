@@ -1,0 +1,1 @@
+"""The `mef_sice` TFDS builder."""

@@ -1,0 +1,1 @@
+"""The `mff_lytro` TFDS builder."""

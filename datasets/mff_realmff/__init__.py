@@ -1,0 +1,1 @@
+"""The `mff_realmff` TFDS builder."""

@@ -1,0 +1,1 @@
+"""The `synthetic_fusion` TFDS builder."""
