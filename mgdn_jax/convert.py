@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mgdn_jax.errors import UserError, run_cli
-from mgdn_jax.model import MGDN, build_model
+from mgdn_jax.model import MGDN, abstract_model
 from mgdn_jax.variants import VARIANTS, model_config
 
 # Official module names -> paths in our module tree, applied in order to a dotted name.
@@ -205,7 +205,7 @@ def from_torch(path: str | Path, variant: str) -> MGDN:
     """Builds the released `variant` architecture and loads an official `.pth` checkpoint."""
     if variant not in VARIANTS:
         raise UserError(f"unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
-    model = build_model(model_config(variant))
+    model = abstract_model(model_config(variant))
     return load_state_dict(model, read_torch_state_dict(path), str(path), variant)
 
 
@@ -238,7 +238,7 @@ def load_converted(directory: str | Path) -> tuple[MGDN, ml_collections.ConfigDi
     if not config_file.is_file():
         raise UserError(f"{directory}: not a converted MGDN checkpoint (no config.json)")
     cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    model = build_model(cfg)
+    model = abstract_model(cfg)
     abstract = nnx.state(model, nnx.Param)
     try:
         with ocp.StandardCheckpointer() as ckptr:

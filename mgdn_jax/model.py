@@ -109,5 +109,14 @@ class MGDN(nnx.Module):
 
 
 def build_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> MGDN:
-    """Builds a randomly initialised MGDN from a model ConfigDict (see `mgdn_jax.variants`)."""
-    return MGDN(cfg, rngs=nnx.Rngs(seed))
+    """Builds a randomly initialised MGDN from a model ConfigDict (see `mgdn_jax.variants`).
+
+    Keys use the 'rbg' generator: each distinct parameter shape compiles its own sampler, and
+    threefry's take far longer to compile on CPU.
+    """
+    return MGDN(cfg, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
+
+
+def abstract_model(cfg: ml_collections.ConfigDict) -> MGDN:
+    """An MGDN whose parameters are shape-only placeholders, to be filled from a checkpoint."""
+    return nnx.eval_shape(lambda: MGDN(cfg, rngs=nnx.Rngs(0)))

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import jax
@@ -100,7 +101,7 @@ def read_activations(path: str | Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path) as data:
             acts = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable .npz activation file") from e
     if "output" not in acts or "input0" not in acts:
         raise UserError(f"{path}: no 'input0'/'output' arrays; not an activation file")

@@ -1,0 +1,57 @@
+"""Every activation recorded from the official PyTorch model, reproduced module by module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_convert import abstract_model, state_dict
+
+from mgdn_jax import convert, parity
+
+TOLERANCE = 1e-4
+MFF_WEIGHTS = "weights/mff_62000_E.pth"
+CASES = [
+    ("activations/mff_pretrained_lytro01_64x64.npz", "mff", MFF_WEIGHTS),
+    ("activations/mff_pretrained_lytro05_45x70.npz", "mff", MFF_WEIGHTS),
+    ("variants/mef_random.npz", "mef", "variants/mef_random.pth"),
+    ("variants/hdr_random.npz", "hdr", "variants/hdr_random.pth"),
+    ("variants/gdsr_random.npz", "gdsr", "variants/gdsr_random.pth"),
+]
+
+
+@pytest.mark.parametrize("activations, variant, weights", CASES, ids=[c[0] for c in CASES])
+def test_every_recorded_array_matches(reference, activations, variant, weights):
+    acts = parity.read_activations(reference / activations)
+    path = str(reference / weights)
+    model = convert.load_state_dict(abstract_model(variant), state_dict(path), path, variant)
+    rows = parity.compare(model, acts)
+    recorded = {k.removeprefix("act/") for k in acts if k.startswith("act/")}
+    assert len(rows) == len(recorded) + 1 > 20
+    assert {r.name for r in rows} == recorded | {"output"}
+    unmapped = [r.name for r in rows if r.max_abs is None]
+    assert not unmapped, f"not mapped: {unmapped}"
+    beyond = [(r.name, r.max_abs, r.ref_max) for r in rows if not r.within(TOLERANCE)]
+    assert not beyond, parity.format_table(rows, TOLERANCE)
+
+
+def test_cli_passes(reference, capsys):
+    weights = reference / MFF_WEIGHTS
+    acts = reference / CASES[1][0]
+    argv = [str(acts), "--variant", "mff", "--weights", str(weights)]
+    assert parity.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| module | shape | max abs diff | mean abs diff | ok |")
+    assert "| layers.1.MGF.TCA#1 | (1, 48, 72, 30) |" in out
+    assert "| NO |" not in out and "not mapped" not in out
+
+
+def test_cli_fails_on_perturbed_output(reference, tmp_path, capsys):
+    acts = parity.read_activations(reference / CASES[1][0])
+    acts["output"] = acts["output"] + np.float32(1e-2)
+    perturbed = tmp_path / "perturbed.npz"
+    np.savez(perturbed, **acts)
+    argv = [str(perturbed), "--variant", "mff", "--weights", str(reference / MFF_WEIGHTS)]
+    assert parity.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "| output | (1, 45, 70, 3) |" in captured.out and "| NO |" in captured.out
+    assert "FAILED: 1 beyond tolerance" in captured.err and "output" in captured.err
