@@ -32,7 +32,7 @@ def bicubic_matrix(size_in: int, size_out: int, a: float = TORCH_CUBIC_A) -> np.
 
 
 def bicubic_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resizes (H, W) or (H, W, C) to `size` = (H', W') as PyTorch bicubic, in float64 -> float32."""
+    """Resizes (H, W) or (H, W, C) to `size` = (H', W') as PyTorch bicubic (float64 inside)."""
     rows = bicubic_matrix(image.shape[0], size[0])
     cols = bicubic_matrix(image.shape[1], size[1])
     out = np.einsum("ih,hw...,jw->ij...", rows, image.astype(np.float64), cols, optimize=True)
