@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mgdn_jax import image_io
+from mgdn_jax import image_io, runtime
 from mgdn_jax.errors import UserError, run_cli
 from mgdn_jax.variants import VARIANTS
 
@@ -163,6 +163,7 @@ def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    runtime.configure()
     from tqdm import tqdm
 
     return run_cli(lambda: fuse_files(args, tqdm))

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mgdn_jax import runtime
 from mgdn_jax.convert import load_weights, module_path
 from mgdn_jax.errors import UserError, run_cli
 from mgdn_jax.model import MGDN
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         help="max abs diff allowed, relative to max(1, max |ref|)",
     )
     args = parser.parse_args(argv)
+    runtime.configure()
     jax.config.update("jax_default_matmul_precision", "highest")
     failed = []
 

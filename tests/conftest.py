@@ -9,15 +9,15 @@ from pathlib import Path
 import jax
 import pytest
 
+from mgdn_jax import runtime
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MGDN_SHARED", REPO.parent / "shared"))
 REFERENCE = SHARED / "reference"
 
+os.environ.setdefault("MGDN_JAX_CACHE", str(REPO / ".jax_cache"))
+runtime.configure()  # the same XLA flags and compilation cache as the command-line tools
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update(
-    "jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", str(REPO / ".jax_cache"))
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="session")
