@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mgdn_jax import radiance
 from mgdn_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -134,55 +135,6 @@ def quantize_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _write_rgbe(path: Path, image: np.ndarray) -> None:
-    """Radiance RGBE (.hdr), flat (uncompressed) scanlines."""
-    rgb = np.maximum(image.astype(np.float64), 0.0)
-    peak = rgb.max(axis=-1)
-    mantissa, exponent = np.frexp(peak)
-    scale = np.where(peak > 1e-32, mantissa * 256.0 / np.maximum(peak, 1e-300), 0.0)
-    rgbe = np.zeros(image.shape[:2] + (4,), np.uint8)
-    rgbe[..., :3] = np.clip(rgb * scale[..., None], 0, 255).astype(np.uint8)
-    rgbe[..., 3] = np.where(peak > 1e-32, exponent + 128, 0).astype(np.uint8)
-    h, w = image.shape[:2]
-    with open(path, "wb") as f:
-        f.write(b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n")
-        f.write(f"-Y {h} +X {w}\n".encode())
-        f.write(rgbe.tobytes())
-
-
-def read_rgbe(path: str | Path) -> np.ndarray:
-    """Reads a flat or run-length encoded Radiance .hdr file as float32 (H, W, 3)."""
-    data = Path(path).read_bytes()
-    header_end = data.index(b"\n\n") + 2
-    line_end = data.index(b"\n", header_end)
-    size = data[header_end:line_end].split()
-    h, w = int(size[1]), int(size[3])
-    body = np.frombuffer(data, np.uint8, offset=line_end + 1)
-    if body.size == h * w * 4 and not (w >= 8 and body[0] == 2 and body[1] == 2):
-        rgbe = body.reshape(h, w, 4)
-    else:
-        rgbe = np.zeros((h, w, 4), np.uint8)
-        pos = 0
-        for y in range(h):
-            pos += 4  # scanline header 2, 2, hi(w), lo(w)
-            for c in range(4):
-                x = 0
-                while x < w:
-                    count = int(body[pos])
-                    pos += 1
-                    if count > 128:
-                        count -= 128
-                        rgbe[y, x : x + count, c] = body[pos]
-                        pos += 1
-                    else:
-                        rgbe[y, x : x + count, c] = body[pos : pos + count]
-                        pos += count
-                    x += count
-    exponent = rgbe[..., 3].astype(np.int32)
-    scale = np.where(exponent > 0, np.ldexp(1.0, exponent - 136), 0.0)
-    return (rgbe[..., :3] * scale[..., None]).astype(np.float32)
-
-
 def write_output(path: str | Path, image: np.ndarray) -> None:
     """Writes a float (H, W, C) result by suffix: .png/.jpg uint8 (official quantisation),
     .npy float32 as is, .tif/.tiff uint16, .hdr Radiance RGBE. Atomic: no partial file."""
@@ -193,7 +145,7 @@ def write_output(path: str | Path, image: np.ndarray) -> None:
             with open(tmp, "wb") as f:
                 np.save(f, image.astype(np.float32))
         elif suffix == ".hdr":
-            _write_rgbe(tmp, image)
+            radiance.write_hdr(tmp, image)
         elif suffix in (".tif", ".tiff"):
             import tifffile
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from mgdn_datasets import build, radiance
+from mgdn_datasets import build
 from PIL import Image
+
+from mgdn_jax import radiance
 
 REPO = Path(__file__).resolve().parents[1]
 

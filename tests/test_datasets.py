@@ -14,8 +14,10 @@ import mgdn_datasets
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from mgdn_datasets import common, radiance
+from mgdn_datasets import common
 from PIL import Image
+
+from mgdn_jax import radiance
 
 pytest.register_assert_rewrite("dataset_fixtures")  # before importing it, as a plugin module
 from dataset_fixtures import (  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from mgdn_jax import fuse, image_io
+from mgdn_jax import fuse, image_io, radiance
 
 
 def _fuse(*args: str | Path) -> int:
@@ -164,7 +164,7 @@ def test_hdr_writes_radiance(reference: Path, tmp_path: Path):
         *frames,
     )
     assert rc == 0
-    hdr, linear = image_io.read_rgbe(out), np.load(npy)
+    hdr, linear = radiance.read_hdr(out), np.load(npy)
     assert hdr.shape == linear.shape == (24, 32, 3)
     # RGBE shares one exponent per pixel: 8-bit mantissas relative to the brightest channel.
     assert np.all(np.abs(hdr - linear) <= linear.max(axis=-1, keepdims=True) * 2**-7 + 1e-6)

@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 import tifffile
-from mgdn_datasets import common, radiance
+from mgdn_datasets import common
+
+from mgdn_jax import radiance
 
 SPLITS = {"train": "Training", "test": "Test"}
 EXPOSURE_FILE = "exposure.txt"
