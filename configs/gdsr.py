@@ -4,6 +4,7 @@ x16 uses the width-60 model."""
 import ml_collections
 from ml_collections import config_dict
 
+from mgdn_jax.train_lib import training_defaults
 from mgdn_jax.variants import model_config
 
 SCALES = (4, 8, 16)
@@ -13,7 +14,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     scale = int(arg or 4)
     if scale not in SCALES:
         raise ValueError(f"GDSR scale must be one of {SCALES}, got {arg!r}")
-    config = ml_collections.ConfigDict()
+    config = training_defaults("gdsr")
     config.model = model_config("gdsr16" if scale == 16 else "gdsr")
     config.data = ml_collections.ConfigDict(
         dict(
@@ -31,4 +32,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prefetch_buffer=32,
         )
     )
+    config.total_steps = 100_000
+    config.optimizer.learning_rate = 1e-4
     return config

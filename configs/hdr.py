@@ -3,12 +3,13 @@
 import ml_collections
 from ml_collections import config_dict
 
+from mgdn_jax.train_lib import training_defaults
 from mgdn_jax.variants import model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    config = ml_collections.ConfigDict()
+    config = training_defaults("hdr")
     config.model = model_config("hdr")
     config.data = ml_collections.ConfigDict(
         dict(
@@ -27,4 +28,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prefetch_buffer=8,
         )
     )
+    config.total_steps = 100_000
     return config

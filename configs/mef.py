@@ -3,12 +3,13 @@
 import ml_collections
 from ml_collections import config_dict
 
+from mgdn_jax.train_lib import training_defaults
 from mgdn_jax.variants import model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    config = ml_collections.ConfigDict()
+    config = training_defaults("mef")
     config.model = model_config("mef")
     config.data = ml_collections.ConfigDict(
         dict(
@@ -25,4 +26,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prefetch_buffer=32,
         )
     )
+    config.total_steps = 100_000
     return config

@@ -3,12 +3,13 @@
 import ml_collections
 from ml_collections import config_dict
 
+from mgdn_jax.train_lib import training_defaults
 from mgdn_jax.variants import model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
-    config = ml_collections.ConfigDict()
+    config = training_defaults("mff")
     config.model = model_config("mff")
     config.data = ml_collections.ConfigDict(
         dict(
@@ -25,4 +26,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prefetch_buffer=32,
         )
     )
+    # The released checkpoint is named after 62000 iterations.
+    config.total_steps = 62_000
     return config

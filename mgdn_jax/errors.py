@@ -8,7 +8,7 @@ from collections.abc import Callable
 EXIT_USAGE = 2
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input from the user (a file, a value); its message is printed as a single line."""
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from mgdn_jax.errors import UserError
-from mgdn_jax.model import MGDN
+from mgdn_jax.model import MGDN, check_reflect_pad
 
 PAD_MODES = ("official", "model")
 OFFICIAL_MULTIPLE = 8
@@ -33,12 +33,6 @@ def flip_pad(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         raise UserError(f"image of {h}x{w} is too small to flip-pad to {size[0]}x{size[1]}")
     x = np.concatenate([x, x[:, ::-1]], axis=1)[:, : size[0]]
     return np.concatenate([x, x[:, :, ::-1]], axis=2)[:, :, : size[1]]
-
-
-def check_model_padding(h: int, w: int, window: int) -> None:
-    """The network reflect-pads to a multiple of its window; reflection needs pad < side."""
-    if -h % window >= h or -w % window >= w:
-        raise UserError(f"image of {h}x{w} is too small to reflect-pad to a multiple of {window}")
 
 
 def jit_forward(model: MGDN) -> Callable[..., jax.Array]:
@@ -68,6 +62,6 @@ def run(
     if pad == "official":
         size = official_padded_size(h, w)
         batch = [flip_pad(x, size) for x in batch]
-    check_model_padding(*batch[0].shape[1:3], window)
+    check_reflect_pad(*batch[0].shape[1:3], window)
     out = forward(*(jnp.asarray(x) for x in batch))
     return np.asarray(out[0, :h, :w])

@@ -20,11 +20,6 @@ def inverse_norm(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Arr
     return jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
-    """x / max(||x||_2, eps) along `axis`, as `torch.nn.functional.normalize`."""
-    return x * inverse_norm(x, axis, eps)
-
-
 class MGCA(nnx.Module):
     """Channel-wise cross-attention where one input guides the other.
 

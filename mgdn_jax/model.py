@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from mgdn_jax.errors import UserError
 from mgdn_jax.layers import ConvAct, conv, lrelu
 from mgdn_jax.mgdf import MutualMGDF, ReferenceMGDF
 from mgdn_jax.transformer import TransformerGroup
@@ -15,15 +16,17 @@ from mgdn_jax.transformer import TransformerGroup
 _SKIP_INPUT = {"fusion": 0, "gdsr": 1, "hdr": 1}
 
 
-def pad_to_multiple(x: jax.Array, multiple: int, mode: str = "reflect") -> jax.Array:
-    """Pads (B, H, W, C) at the bottom/right so that H and W are multiples of `multiple`."""
+def check_reflect_pad(h: int, w: int, multiple: int) -> None:
+    """Reflect padding to a multiple of `multiple` needs each pad to be shorter than its side."""
+    if -h % multiple >= h or -w % multiple >= w:
+        raise UserError(f"image of {h}x{w} is too small to reflect-pad to a multiple of {multiple}")
+
+
+def pad_to_multiple(x: jax.Array, multiple: int) -> jax.Array:
+    """Reflect-pads (B, H, W, C) at the bottom/right so that H and W are multiples of `multiple`."""
     _, h, w, _ = x.shape
-    ph, pw = -h % multiple, -w % multiple
-    if ph >= h or pw >= w:
-        raise ValueError(
-            f"image of {h}x{w} is too small to reflect-pad to a multiple of {multiple}"
-        )
-    return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
+    check_reflect_pad(h, w, multiple)
+    return jnp.pad(x, ((0, 0), (0, -h % multiple), (0, -w % multiple), (0, 0)), mode="reflect")
 
 
 class FusionStage(nnx.Module):

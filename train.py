@@ -1,0 +1,62 @@
+"""Trains MGDN.
+
+    python train.py --config configs/synthetic_mff.py --workdir /tmp/run
+    python train.py --config configs/gdsr.py:8 --workdir W --config.optimizer.learning_rate=1e-4
+
+Any config field can be overridden with --config.FIELD=VALUE. Re-running with the same
+--workdir resumes from its latest checkpoint (WORKDIR/checkpoints/STEP). The final parameters
+are exported to WORKDIR/export, which `mgdn-fuse --weights WORKDIR/export` reads.
+
+Multi-host (one process per host): pass --multihost to call `jax.distributed.initialize()`,
+which finds the coordinator on Cloud TPU, SLURM and similar clusters by itself, or give
+--coordinator_address, --num_processes and --process_id explicitly (JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment work as well). Every process runs the
+same command with the same --workdir on a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from mgdn_jax import train_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    str(Path(__file__).resolve().parent / "configs" / "synthetic_mff.py"),
+    "Training config: configs/<task>.py[:arg].",
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, export).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _MULTIHOST.value or _COORDINATOR.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    logging.info(
+        "process %d of %d, %d devices: %s",
+        jax.process_index(),
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices(),
+    )
+    try:
+        train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except train_lib.NonFiniteLossError as e:
+        logging.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
