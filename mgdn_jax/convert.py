@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from mgdn_jax.errors import UserError, run_cli
+from mgdn_jax.image_io import current_umask
 from mgdn_jax.model import MGDN, abstract_model
 from mgdn_jax.variants import VARIANTS, model_config
 
@@ -223,6 +224,7 @@ def save_converted(model: MGDN, cfg: ml_collections.ConfigDict, output: str | Pa
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(staging / "params", nnx.state(model, nnx.Param))
         (staging / "config.json").write_text(cfg.to_json(indent=2))
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700
         staging.rename(output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -94,6 +94,9 @@ def test_converted_directory_and_model_padding(reference: Path, mff_weights: Pat
     # The activation crops came from the JPEGs decoded the same way.
     np.testing.assert_allclose(image_io.read_image(a)[None], acts["input0"], atol=1e-7)
     np.testing.assert_allclose(np.load(out)[None], acts["output"], atol=1e-4)
+    mask = image_io.current_umask()
+    assert converted.stat().st_mode & 0o777 == 0o777 & ~mask
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask
     tif = tmp_path / "o.tif"
     assert _fuse("--variant", "mff", "--weights", converted, "--output", tif, a, b) == 0
     assert tifffile.imread(tif).dtype == np.uint16
