@@ -11,11 +11,16 @@ Multi-host (one process per host): pass --multihost to call `jax.distributed.ini
 which finds the coordinator on Cloud TPU, SLURM and similar clusters by itself, or give
 --coordinator_address, --num_processes and --process_id explicitly (JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment work as well). Every process runs the
-same command with the same --workdir on a shared filesystem.
+same command with the same --workdir on a shared filesystem; CPU processes exchange their
+collectives through gloo. Compiled programs are cached as for the other command-line tools
+(`mgdn_jax.runtime`), so a resumed run skips most compilation.
+
+Needs the `train` extra (clu, TensorFlow, tensorboard): pip install -e ".[train]".
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -24,7 +29,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mgdn_jax import train_lib
+from mgdn_jax import runtime, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -39,10 +44,23 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["workdir"])
 
 
+TRAIN_EXTRA = ("clu", "tensorflow", "tensorboard")
+
+
+def check_train_extra() -> None:
+    """Exits with a one-line message when a package of the `train` extra is missing."""
+    missing = [name for name in TRAIN_EXTRA if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit(f"error: train.py needs {', '.join(missing)}: pip install -e '.[train]'")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    check_train_extra()
+    runtime.configure()
     if _MULTIHOST.value or _COORDINATOR.value:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.info(
         "process %d of %d, %d devices: %s",

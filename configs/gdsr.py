@@ -20,8 +20,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(
             train_dataset="gdsr_nyuv2",
             train_split="train",
-            eval_dataset="gdsr_nyuv2",
-            eval_split="test",
             data_dir=config_dict.placeholder(str),
             patch_size=256,
             scale=scale,
@@ -32,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prefetch_buffer=32,
         )
     )
+    config.eval.dataset = "gdsr_nyuv2"
     config.total_steps = 100_000
     config.optimizer.learning_rate = 1e-4
     return config

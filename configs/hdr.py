@@ -15,8 +15,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(
             train_dataset="hdr_kalantari",
             train_split="train",
-            eval_dataset="hdr_kalantari",
-            eval_split="test",
             data_dir=config_dict.placeholder(str),
             patch_size=128,
             gamma=2.2,
@@ -28,5 +26,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prefetch_buffer=8,
         )
     )
+    config.eval.dataset = "hdr_kalantari"
     config.total_steps = 100_000
     return config

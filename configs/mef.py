@@ -15,8 +15,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(
             train_dataset="mef_sice",
             train_split="train",
-            eval_dataset="mef_benchmark",
-            eval_split="test",
             data_dir=config_dict.placeholder(str),
             patch_size=128,
             global_batch=8,
@@ -26,5 +24,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prefetch_buffer=32,
         )
     )
+    config.eval.dataset = "mef_benchmark"
     config.total_steps = 100_000
     return config

@@ -15,8 +15,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(
             train_dataset="mff_realmff",
             train_split="train",
-            eval_dataset="mff_lytro",
-            eval_split="test",
             data_dir=config_dict.placeholder(str),
             patch_size=128,
             global_batch=8,
@@ -26,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prefetch_buffer=32,
         )
     )
+    config.eval.dataset = "mff_lytro"
     # The released checkpoint is named after 62000 iterations.
     config.total_steps = 62_000
     return config

@@ -16,8 +16,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(
             train_dataset="synthetic_fusion/mff",
             train_split="train",
-            eval_dataset="synthetic_fusion/mff",
-            eval_split="test",
             data_dir=config_dict.placeholder(str),
             patch_size=64,
             global_batch=4,
@@ -27,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             prefetch_buffer=8,
         )
     )
+    config.eval.dataset = "synthetic_fusion/mff"
     # Small enough for a 2-core CPU: 32x32 patches, ~1.2 s per step there (64x64: ~6 s), about
     # 6 minutes in all.
     config.data.patch_size = 32

@@ -9,10 +9,13 @@ A training run keeps its checkpoints in `WORKDIR/checkpoints/STEP/`, written by 
 
 `export_params` writes `WORKDIR/export` in the `mgdn_jax.convert.save_converted` format
 (DIR/params + DIR/config.json), which `mgdn-fuse --weights WORKDIR/export` reads.
+
+`barrier` synchronises the processes of a multi-process run through JAX's coordination service.
 """
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,19 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
 
 STATE, DATA = "state", "data"
+BARRIER_TIMEOUT_MS = 3_600_000
+_barriers = itertools.count()
+
+
+def barrier(name: str) -> None:
+    """Returns once every process has reached this barrier; a no-op with one process. Every
+    process must pass the same barriers in the same order. A coordination-service barrier, not
+    a device collective: CPU collectives (gloo) fail when the processes arrive more than 30 s
+    apart."""
+    key = f"mgdn_jax {name} #{next(_barriers)}"
+    ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=BARRIER_TIMEOUT_MS)
 
 
 def create_manager(
@@ -83,15 +96,16 @@ def export_params(
     """Writes `directory` (replacing it) as `mgdn_jax.convert.save_converted` does: params/ (an
     orbax StandardCheckpointer save of `nnx.state(model, nnx.Param)`) and config.json.
 
-    Every process calls this (orbax saves are collective); process 0 writes the config and
-    swaps the finished directory in, so readers never see a half-written export.
+    Every process calls this (orbax saves are collective) and returns once the export is in
+    place; process 0 writes the config and swaps the finished directory in, so readers never
+    see a half-written export.
     """
     directory = Path(directory).absolute()
     staging = directory.with_name(directory.name + ".tmp")
     primary = jax.process_index() == 0
-    if primary and staging.exists():
-        shutil.rmtree(staging)
-    multihost_utils.sync_global_devices(f"export {directory} start")
+    if primary:
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier("export start")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(staging / "params", params)
     if primary:
@@ -101,4 +115,4 @@ def export_params(
             directory.rename(previous)
         staging.rename(directory)
         shutil.rmtree(previous, ignore_errors=True)
-    multihost_utils.sync_global_devices(f"export {directory} done")
+    barrier("export done")

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -241,7 +242,13 @@ def load_converted(directory: str | Path) -> tuple[MGDN, ml_collections.ConfigDi
         raise UserError(f"{directory}: not a converted MGDN checkpoint (no config.json)")
     cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
     model = abstract_model(cfg)
-    abstract = nnx.state(model, nnx.Param)
+    # Onto this process's first device, whatever devices the parameters were saved from (a
+    # multi-device training run's export holds its mesh sharding).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        nnx.state(model, nnx.Param),
+    )
     try:
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(directory / "params", abstract)

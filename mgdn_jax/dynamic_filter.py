@@ -9,6 +9,8 @@ predicted per pixel and shared by all channels:
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +23,9 @@ NUM_TAPS = KERNEL_SIZE * KERNEL_SIZE
 
 
 def _pad_replicate(x: jax.Array, k: int) -> jax.Array:
-    """Replicate-pads (H, W, C) by k // 2 on every side."""
+    """Replicate-pads (B, H, W, C) by k // 2 on every spatial side."""
     r = k // 2
-    return jnp.pad(x, ((r, r), (r, r), (0, 0)), mode="edge")
+    return jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="edge")
 
 
 def _check(x: jax.Array, taps: jax.Array, k: int) -> None:
@@ -34,26 +36,84 @@ def _check(x: jax.Array, taps: jax.Array, k: int) -> None:
         )
 
 
-def _filter_image_shifted(x: jax.Array, taps: jax.Array, k: int) -> jax.Array:
-    """One image, (H, W, C) x (H, W, k*k) -> (H, W, C), as k*k fused shifted multiply-adds."""
-    h, w, _ = x.shape
-    xpad = _pad_replicate(x, k)
-    out = jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32))
+def _filter_padded(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
+    """(B, H + k - 1, W + k - 1, C) padded features x (B, H, W, k*k) taps -> (B, H, W, C), as
+    k*k fused shifted multiply-adds."""
+    _, h, w, _ = taps.shape
+    out = jnp.zeros((*taps.shape[:3], xpad.shape[-1]), jnp.promote_types(xpad.dtype, jnp.float32))
     for dy in range(k):
         for dx in range(k):
             t = k * dy + dx
-            out = out + xpad[dy : dy + h, dx : dx + w, :] * taps[:, :, t : t + 1]
-    return out.astype(x.dtype)
+            out = out + xpad[:, dy : dy + h, dx : dx + w, :] * taps[..., t : t + 1]
+    return out.astype(xpad.dtype)
 
 
-def _filter_image_unfold(x: jax.Array, taps: jax.Array, k: int) -> jax.Array:
-    """One image, by materialising the (H, W, C, k*k) unfolded neighbourhoods."""
-    h, w, _ = x.shape
-    xpad = _pad_replicate(x, k)
-    patches = jnp.stack(
-        [xpad[dy : dy + h, dx : dx + w, :] for dy in range(k) for dx in range(k)], axis=-1
-    )
-    return jnp.einsum("hwct,hwt->hwc", patches, taps, precision=jax.lax.Precision.HIGHEST)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _filter(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
+    return _filter_padded(xpad, taps, k)
+
+
+def _filter_fwd(
+    xpad: jax.Array, taps: jax.Array, k: int
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _filter_padded(xpad, taps, k), (xpad, taps)
+
+
+def _tap_gradients(xpad: jax.Array, g: jax.Array, k: int) -> jax.Array:
+    """d taps: (B, H + k - 1, W + k - 1, C) padded input, (B, H, W, C) output cotangent ->
+    (B, H, W, k*k), d taps[..., t] = sum_c (xpad shifted by t) * g.
+
+    Computed for a few rows at a time (`lax.map`), so that the k*k reductions over channels
+    re-read rows that are still in cache; over whole maps they would stream them k*k times.
+    """
+    b, h, w, c = g.shape
+    rows = math.gcd(h, 8)
+    blocks = h // rows
+    acc = jnp.promote_types(xpad.dtype, jnp.float32)
+
+    def block(i: jax.Array) -> jax.Array:
+        image, top = i // blocks, (i % blocks) * rows
+        xs = jax.lax.dynamic_slice(xpad, (image, top, 0, 0), (1, rows + k - 1, w + k - 1, c))[0]
+        gs = jax.lax.dynamic_slice(g, (image, top, 0, 0), (1, rows, w, c))[0]
+        return jnp.stack(
+            [
+                jnp.sum(xs[dy : dy + rows, dx : dx + w] * gs, axis=-1, dtype=acc)
+                for dy in range(k)
+                for dx in range(k)
+            ],
+            axis=-1,
+        )
+
+    return jax.lax.map(block, jnp.arange(b * blocks)).reshape(b, h, w, k * k)
+
+
+def _filter_bwd(
+    k: int, residuals: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """d taps by `_tap_gradients`; d xpad is the filter run backwards: every padded pixel
+    gathers g * taps from the k*k outputs that read it."""
+    xpad, taps = residuals
+    _, h, w, _ = g.shape
+    acc = jnp.promote_types(xpad.dtype, jnp.float32)
+    dtaps = _tap_gradients(xpad, g, k)
+    r = k - 1
+    edges = ((0, 0), (r, r), (r, r), (0, 0))
+    gpad, tpad = jnp.pad(g, edges), jnp.pad(taps, edges)
+    hp, wp = h + r, w + r
+    dxpad = jnp.zeros(xpad.shape, acc)
+    for dy in range(k):
+        for dx in range(k):
+            t = k * dy + dx
+            ys, xs = r - dy, r - dx
+            dxpad = (
+                dxpad
+                + gpad[:, ys : ys + hp, xs : xs + wp]
+                * tpad[:, ys : ys + hp, xs : xs + wp, t : t + 1]
+            )
+    return dxpad.astype(xpad.dtype), dtaps.astype(taps.dtype)
+
+
+_filter.defvjp(_filter_fwd, _filter_bwd)
 
 
 @functools.partial(jax.jit, static_argnames="kernel_size")
@@ -69,7 +129,7 @@ def dynamic_filter(x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE
         (B, H, W, C) filtered features.
     """
     _check(x, taps, kernel_size)
-    return jax.vmap(functools.partial(_filter_image_shifted, k=kernel_size))(x, taps)
+    return _filter(_pad_replicate(x, kernel_size), taps, kernel_size)
 
 
 @functools.partial(jax.jit, static_argnames="kernel_size")
@@ -78,7 +138,123 @@ def dynamic_filter_unfold(
 ) -> jax.Array:
     """Reference unfold formulation of `dynamic_filter` (materialises (B, H, W, C, k*k))."""
     _check(x, taps, kernel_size)
-    return jax.vmap(functools.partial(_filter_image_unfold, k=kernel_size))(x, taps)
+    _, h, w, _ = x.shape
+    k = kernel_size
+    xpad = _pad_replicate(x, k)
+    patches = jnp.stack(
+        [xpad[:, dy : dy + h, dx : dx + w, :] for dy in range(k) for dx in range(k)], axis=-1
+    )
+    return jnp.einsum("bhwct,bhwt->bhwc", patches, taps, precision=jax.lax.Precision.HIGHEST)
+
+
+# ----------------------------------------------------------------------------- alternatives
+# Other formulations of the same filter, for `bench/filter.py` and backend-specific choice.
+# They take and return what `dynamic_filter` does; all but the channels-first one are
+# differentiated by JAX's autodiff.
+
+
+@functools.partial(jax.jit, static_argnames="kernel_size")
+def dynamic_filter_patches(
+    x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE
+) -> jax.Array:
+    """`dynamic_filter` as XLA's patch extraction (`lax.conv_general_dilated_patches`, an
+    identity convolution) followed by a per-pixel contraction; materialises (B, H, W, C, k*k)."""
+    _check(x, taps, kernel_size)
+    b, h, w, c = x.shape
+    k = kernel_size
+    patches = jax.lax.conv_general_dilated_patches(
+        _pad_replicate(x, k),
+        (k, k),
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )  # (B, H, W, C * k*k), channel-major
+    return jnp.einsum(
+        "bhwct,bhwt->bhwc",
+        patches.reshape(b, h, w, c, k * k),
+        taps,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+@functools.partial(jax.jit, static_argnames="kernel_size")
+def dynamic_filter_loop(x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE) -> jax.Array:
+    """`dynamic_filter` as a `lax.fori_loop` over the k*k taps (one dynamic-slice multiply-add
+    per iteration): a program of constant size, but the accumulator makes a round trip through
+    memory at every tap."""
+    _check(x, taps, kernel_size)
+    b, h, w, c = x.shape
+    k = kernel_size
+    xpad = _pad_replicate(x, k)
+
+    def tap(t: jax.Array, out: jax.Array) -> jax.Array:
+        shifted = jax.lax.dynamic_slice(xpad, (0, t // k, t % k, 0), (b, h, w, c))
+        return out + shifted * jax.lax.dynamic_slice_in_dim(taps, t, 1, axis=-1)
+
+    out = jax.lax.fori_loop(
+        0, k * k, tap, jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32))
+    )
+    return out.astype(x.dtype)
+
+
+def _filter_cf_padded(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
+    """`_filter_padded` computed channels-first: the (B, H + k - 1, W + k - 1, C) padded
+    features and (B, H, W, k*k) taps are transposed to (B, C, ...) and (B, k*k, H, W), so
+    that the k*k shifted multiply-adds vectorise along the image width rather than the few
+    channels; the (B, H, W, C) result is transposed back."""
+    _, h, w, _ = taps.shape
+    xpad_cf = jnp.transpose(xpad, (0, 3, 1, 2))
+    taps_cf = jnp.transpose(taps, (0, 3, 1, 2))
+    out = jnp.zeros((*xpad_cf.shape[:2], h, w), jnp.promote_types(xpad.dtype, jnp.float32))
+    for dy in range(k):
+        for dx in range(k):
+            t = k * dy + dx
+            out = out + xpad_cf[:, :, dy : dy + h, dx : dx + w] * taps_cf[:, t : t + 1]
+    return jnp.transpose(out, (0, 2, 3, 1)).astype(xpad.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _filter_cf(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
+    return _filter_cf_padded(xpad, taps, k)
+
+
+def _filter_cf_fwd(
+    xpad: jax.Array, taps: jax.Array, k: int
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _filter_cf_padded(xpad, taps, k), (xpad, taps)
+
+
+_filter_cf.defvjp(_filter_cf_fwd, _filter_bwd)
+
+
+@functools.partial(jax.jit, static_argnames="kernel_size")
+def dynamic_filter_channels_first(
+    x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE
+) -> jax.Array:
+    """`dynamic_filter` with a channels-first forward pass (`_filter_cf_padded`) and the
+    default's backward pass (`_filter_bwd`, which is faster channels-last on CPU)."""
+    _check(x, taps, kernel_size)
+    return _filter_cf(_pad_replicate(x, kernel_size), taps, kernel_size)
+
+
+# name -> (x (B, H, W, C), taps (B, H, W, k*k), kernel_size=7) -> (B, H, W, C).
+FORMULATIONS: dict[str, Callable[..., jax.Array]] = {
+    "shifted": dynamic_filter,
+    "unfold": dynamic_filter_unfold,
+    "patches": dynamic_filter_patches,
+    "loop": dynamic_filter_loop,
+    "channels_first": dynamic_filter_channels_first,
+}
+
+# The formulation to use per backend, from `bench/filter.py` measurements; backends not listed
+# use "shifted" (`dynamic_filter`, the model's path).
+_DEFAULTS: dict[str, str] = {"cpu": "shifted"}
+
+
+def default_formulation(backend: str) -> str:
+    """The `FORMULATIONS` key to use on `backend` (a `jax.default_backend()` name)."""
+    return _DEFAULTS.get(backend, "shifted")
 
 
 class KernelPredictor(nnx.Module):

@@ -1,57 +1,109 @@
-"""Evaluation of a model on a config's eval dataset, and the `mgdn-eval` command.
+"""Evaluation of MGDN weights on a config's eval split, and the `mgdn-eval` command.
 
-    mgdn-eval --config configs/synthetic_mff.py --weights WORKDIR/export [--samples DIR]
+    mgdn-eval --config configs/mff.py --config.weights=PATH --config.eval.dataset=mff_lytro \\
+        [--workdir DIR] [--config.FIELD=VALUE ...]
 
-Metrics per image, averaged over the images of this process's share of the dataset:
-- fusion (MFF / MEF) with a reference: PSNR, SSIM; with `fusion_metrics`, also the
-  no-reference fusion metrics of `mgdn_jax.metrics.fusion_metrics` (EN, SD, SF, AG, MI, SCD,
-  VIF, Qabf, MEF-SSIM);
-- HDR: PSNR-mu, SSIM-mu, PSNR-l, SSIM-l;
+Every image of `config.eval.split` of `config.eval.dataset` is fused with the padding of
+`config.eval.pad` ("official": the official script's flip padding to the next multiple of 8
+beyond the size; "model": only the network's own reflect padding) and measured:
+- fusion (MFF / MEF): on the output quantised to uint8 exactly as it is saved (clip to [0, 1],
+  x255, round half to even). With a reference: PSNR and SSIM of that image / 255 against the
+  reference. The no-reference fusion metrics of `mgdn_jax.metrics.fusion_metrics` (EN, SD, SF,
+  AG, MI, SCD, VIF, Qabf, MEF-SSIM; 8-bit grey, see `metrics.FUSION_METRIC_CONVENTION`): always
+  on sets without a reference, with `config.eval.fusion_metrics` on the others too;
+- HDR: PSNR-mu, SSIM-mu, PSNR-l, SSIM-l of the float output;
 - GDSR: RMSE in cm (prediction clipped to [0, 1] and de-normalised, 6-pixel border), as the
   release evaluates.
+
+`mgdn-eval` prints the per-image metrics and their mean as a table and writes them, with the
+metric convention, to WORKDIR/eval/<dataset>_<split>/results.json and results.csv, and (with
+`config.eval.save_outputs`) every fused image to outputs/NAME.png there.
 """
 
 from __future__ import annotations
 
-import argparse
+import csv
 import dataclasses
-import importlib.util
 import json
+import re
 import sys
-from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
-from PIL import Image
+from jax.experimental import multihost_utils
 
-from mgdn_jax import input_pipeline, metrics
+from mgdn_jax import image_io, input_pipeline, metrics, runtime
 from mgdn_jax.errors import UserError, run_cli
-from mgdn_jax.inference import jit_forward
+from mgdn_jax.inference import PAD_MODES, jit_forward, run
 from mgdn_jax.model import MGDN
+
+# Longest image name (UTF-8 bytes) that `encode_rows` carries between processes.
+NAME_BYTES = 256
+SSIM_DEFINITION = (
+    f"{metrics.SSIM_WINDOW}x{metrics.SSIM_WINDOW} Gaussian window (sigma {metrics.SSIM_SIGMA}), "
+    f"K1 {metrics.SSIM_K1}, K2 {metrics.SSIM_K2}, population statistics, only windows inside "
+    "the image, mean over channels"
+)
+PADDING = {
+    "official": "flip padding to the next multiple of 8 beyond the size (the official script)",
+    "model": "the network's own reflect padding to its window multiple",
+}
+USAGE = """\
+usage: mgdn-eval --config configs/<task>.py[:arg] --config.weights=PATH [--workdir DIR]
+                 [--config.eval.dataset=NAME] [--config.FIELD=VALUE ...]
+
+Evaluates MGDN weights (an official .pth or a directory written by mgdn-convert or training) on
+the config's eval split; writes WORKDIR/eval/<dataset>_<split>/results.json, results.csv and
+outputs/NAME.png. Any config field can be overridden with --config.FIELD=VALUE.
+"""
 
 
 @dataclasses.dataclass
 class EvalResult:
-    """metrics: name -> mean over `count` images; samples: name -> (H, W, C) uint8 image."""
+    """One evaluation pass over `split` of `dataset`, all processes together.
 
-    metrics: dict[str, float]
-    count: int
+    metrics: the metric names, in column order; rows: image name -> {metric: value}, sorted by
+    name; mean: metric -> mean over the rows (NaN if none); convention: how the metrics were
+    computed (`metric_convention`); samples: name -> (H, W, 3) uint8, this process's first
+    outputs as saved.
+    """
+
+    dataset: str
+    split: str
+    metrics: tuple[str, ...]
+    rows: dict[str, dict[str, float]]
+    mean: dict[str, float]
+    convention: dict[str, Any]
     samples: dict[str, np.ndarray]
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
-    """(H, W, C) float in [0, 1] (C = 1 or 3) -> (H, W, 3) uint8, the official rounding."""
-    image = np.clip(image, 0.0, 1.0)
-    if image.shape[-1] == 1:
-        image = np.repeat(image, 3, axis=-1)
-    return np.round(image * 255.0).astype(np.uint8)
+    """(H, W, C) float (C = 1 or 3) -> (H, W, 3) uint8 with the official quantisation
+    (`image_io.quantize_uint8`), grey replicated to RGB."""
+    pixels = image_io.quantize_uint8(image)
+    return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
+
+
+def metric_names(task: str, has_reference: bool, fusion_metrics: bool) -> tuple[str, ...]:
+    """The metrics `image_metrics` computes, in order (see the module docstring)."""
+    if task == input_pipeline.HDR:
+        return ("psnr_mu", "ssim_mu", "psnr_l", "ssim_l")
+    if task == input_pipeline.GDSR:
+        return ("rmse_cm",)
+    names = ("psnr", "ssim") if has_reference else ()
+    if fusion_metrics or not has_reference:
+        names += metrics.FUSION_METRIC_NAMES
+    return names
 
 
 def image_metrics(
-    task: str, output: np.ndarray, batch: dict, fusion_metrics: bool
+    task: str, output: np.ndarray, batch: dict[str, Any], names: Sequence[str]
 ) -> dict[str, float]:
-    """Metrics of one (1, H, W, C) output against its batch (see the module docstring)."""
+    """The metrics `names` of one (H, W, C) float32 output against its batch of one example."""
     target = batch.get("target")
     if task == input_pipeline.HDR:
         fns = {
@@ -60,92 +112,302 @@ def image_metrics(
             "psnr_l": metrics.psnr_l,
             "ssim_l": metrics.ssim_l,
         }
-        return {k: float(fn(output, target)[0]) for k, fn in fns.items()}
+        return {k: float(fns[k](output, target[0])) for k in names}
     if task == input_pipeline.GDSR:
-        low, high = (batch[k][:, None, None, None] for k in ("depth_min", "depth_max"))
+        low, high = batch["depth_min"][0], batch["depth_max"][0]
         pred = np.clip(output, 0.0, 1.0) * (high - low) + low
-        return {"rmse_cm": float(metrics.depth_rmse_cm(pred, target * (high - low) + low)[0])}
+        return {"rmse_cm": float(metrics.depth_rmse_cm(pred, target[0] * (high - low) + low))}
+    saved = image_io.quantize_uint8(output).astype(np.float32) / 255.0
     values = {}
-    if target is not None:
-        values["psnr"] = float(metrics.psnr(output, target)[0])
-        values["ssim"] = float(metrics.ssim(output, target)[0])
-    if fusion_metrics:
-        values.update(metrics.fusion_metrics(output[0], [x[0] for x in batch["inputs"]]))
+    if "psnr" in names:
+        values["psnr"] = float(metrics.psnr(saved, target[0]))
+        values["ssim"] = float(metrics.ssim(saved, target[0]))
+    if metrics.FUSION_METRIC_NAMES[0] in names:
+        values.update(metrics.fusion_metrics(saved, [x[0] for x in batch["inputs"]]))
     return values
+
+
+def metric_convention(task: str, names: Sequence[str], pad: str) -> dict[str, Any]:
+    """How the metrics `names` of `task` are computed, for the results files."""
+    convention: dict[str, Any] = {"padding": f"{pad}: {PADDING[pad]}"}
+    if task == input_pipeline.HDR:
+        mu = f"{metrics.MU:g}"
+        convention["output"] = "linear HDR, float32, not quantised"
+        convention["reference_metrics"] = {
+            "metrics": list(names),
+            "psnr_mu, ssim_mu": f"of the mu-law tone-mapped images log(1 + {mu} x) / "
+            f"log(1 + {mu}), data range 1",
+            "psnr_l, ssim_l": "of the linear images, data range 1",
+            "ssim": SSIM_DEFINITION,
+        }
+    elif task == input_pipeline.GDSR:
+        convention["output"] = "min/max-normalised depth, float32, clipped to [0, 1]"
+        convention["reference_metrics"] = {
+            "metrics": list(names),
+            "rmse_cm": "100 x RMSE of the depths in metres (output de-normalised with the "
+            f"depth map's min/max), {metrics.GDSR_BORDER}-pixel border cropped",
+        }
+    else:
+        convention["output"] = "uint8 as saved: clip to [0, 1], x 255, round half to even"
+        if "psnr" in names:
+            convention["reference_metrics"] = {
+                "metrics": ["psnr", "ssim"],
+                "images": "RGB, the saved output / 255 against the reference in [0, 1] "
+                "(8-bit / 255), data range 1",
+                "ssim": SSIM_DEFINITION,
+            }
+        if metrics.FUSION_METRIC_NAMES[0] in names:
+            convention["fusion_metrics"] = {
+                "metrics": list(metrics.FUSION_METRIC_NAMES),
+                "images": "the saved output and the two sources, each as one 8-bit grey plane",
+                **metrics.FUSION_METRIC_CONVENTION,
+            }
+    return convention
+
+
+def encode_rows(
+    rows: Sequence[tuple[str, Sequence[float]]], count: int, num_metrics: int
+) -> np.ndarray:
+    """(name, values) rows -> (count, NAME_BYTES + 8 num_metrics) uint8 records: the UTF-8 name,
+    zero-padded, then the float64 values' bytes; records beyond len(rows) are all zero."""
+    records = np.zeros((count, NAME_BYTES + 8 * num_metrics), np.uint8)
+    for record, (name, values) in zip(records, rows):
+        raw = name.encode()
+        if not 0 < len(raw) <= NAME_BYTES:
+            raise ValueError(f"image name {name!r} is empty or longer than {NAME_BYTES} bytes")
+        record[: len(raw)] = np.frombuffer(raw, np.uint8)
+        record[NAME_BYTES:] = np.asarray(values, np.float64).view(np.uint8)
+    return records
+
+
+def decode_rows(gathered: np.ndarray) -> list[tuple[str, list[float]]]:
+    """(P, count, width) records of P processes (`encode_rows`) -> their (name, values) rows."""
+    rows = []
+    for record in gathered.reshape(-1, gathered.shape[-1]):
+        name = bytes(record[:NAME_BYTES]).rstrip(b"\0").decode()
+        if name:
+            rows.append((name, record[NAME_BYTES:].copy().view(np.float64).tolist()))
+    return rows
+
+
+def gather_rows(
+    rows: list[tuple[str, list[float]]], num_metrics: int
+) -> list[tuple[str, list[float]]]:
+    """Every process's (name, values) rows; all processes must call it."""
+    if jax.process_count() == 1:
+        return rows
+    count = int(np.max(multihost_utils.process_allgather(np.int32(len(rows)))))
+    gathered = multihost_utils.process_allgather(encode_rows(rows, count, num_metrics))
+    return decode_rows(np.asarray(gathered))
 
 
 def evaluate(
     model: MGDN,
     config: ml_collections.ConfigDict,
     *,
-    sample_dir: Path | None = None,
+    output_dir: Path | None = None,
+    num_outputs: int | None = None,
     num_samples: int = 0,
-    fusion_metrics: bool = False,
+    progress: Callable[[Iterable], Iterable] = lambda batches: batches,
 ) -> EvalResult:
-    """One pass over this process's share of `config.data.eval_dataset`; the first
-    `num_samples` outputs are returned and, with `sample_dir`, written there as NAME.png."""
+    """One pass over `config.eval.split` of `config.eval.dataset`, each process taking its
+    share; every process must call it. With `output_dir`, the first `num_outputs` (None: all)
+    outputs of this process are written there as NAME.png; the first `num_samples` are
+    returned as `samples`."""
+    ev = config.eval
+    source = input_pipeline.load_source(ev.dataset, ev.split, config.data.data_dir)
+    features = source.dataset_info.features.keys()
+    task = input_pipeline.task_of(features)
+    names = metric_names(task, "target" in features, ev.fusion_metrics)
     forward = jit_forward(model)
-    task = input_pipeline.task_of(
-        input_pipeline.load_source(
-            config.data.eval_dataset, config.data.eval_split, config.data.data_dir
-        ).dataset_info.features.keys()
+    rows, samples = [], {}
+    written = 0
+    for batch in progress(input_pipeline.create_eval_loader(config)):
+        name = str(batch["name"][0])
+        output = run(forward, [x[0] for x in batch["inputs"]], model.window_size, ev.pad)
+        values = image_metrics(task, output, batch, names)
+        rows.append((name, [values[k] for k in names]))
+        keep = len(samples) < num_samples
+        write = output_dir is not None and (num_outputs is None or written < num_outputs)
+        if keep or write:
+            pixels = to_uint8(output)
+            if keep:
+                samples[name] = pixels
+            if write:
+                write_png(output_dir / f"{name}.png", pixels)
+                written += 1
+    table = {n: dict(zip(names, v)) for n, v in sorted(gather_rows(rows, len(names)))}
+    columns = {k: [row[k] for row in table.values()] for k in names}
+    mean = {k: float(np.mean(v)) if v else float("nan") for k, v in columns.items()}
+    convention = metric_convention(task, names, ev.pad)
+    return EvalResult(ev.dataset, ev.split, names, table, mean, convention, samples)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """Writes (H, W, 3) uint8 pixels as PNG, atomically, creating the directory."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with image_io.atomic_output(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format="PNG")
+
+
+def results_dir(workdir: str | Path, config: ml_collections.ConfigDict) -> Path:
+    """WORKDIR/eval/<dataset>_<split>, characters other than letters, digits, '.', '-' and '_'
+    (e.g. the '/' of 'synthetic_fusion/mff') replaced by '_'."""
+    tag = re.sub(r"[^A-Za-z0-9._-]", "_", f"{config.eval.dataset}_{config.eval.split}")
+    return Path(workdir) / "eval" / tag
+
+
+def write_results(result: EvalResult, directory: Path, info: dict[str, Any]) -> None:
+    """Writes directory/results.json ({dataset, split, **info, count, convention, metrics, mean,
+    images: [{name, **metrics}]}) and directory/results.csv (a `# convention: {json}` line,
+    the header `name,<metrics>`, one row per image and a `mean` row), each atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {
+        "dataset": result.dataset,
+        "split": result.split,
+        **info,
+        "count": len(result.rows),
+        "convention": result.convention,
+        "metrics": list(result.metrics),
+        "mean": result.mean,
+        "images": [{"name": name, **values} for name, values in result.rows.items()],
+    }
+    with image_io.atomic_output(directory / "results.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+    with image_io.atomic_output(directory / "results.csv") as tmp:
+        with tmp.open("w", newline="") as f:
+            f.write(f"# convention: {json.dumps(result.convention)}\n")
+            writer = csv.writer(f)
+            writer.writerow(["name", *result.metrics])
+            for name, values in result.rows.items():
+                writer.writerow([name, *(repr(values[k]) for k in result.metrics)])
+            writer.writerow(["mean", *(repr(result.mean[k]) for k in result.metrics)])
+
+
+def format_table(result: EvalResult) -> str:
+    """The per-image metrics and their mean as an aligned text table."""
+    lines = [(name, values) for name, values in result.rows.items()]
+    lines.append(("mean", result.mean))
+    first = max(len(name) for name, _ in lines)
+    widths = [max(len(k), 9) for k in result.metrics]
+    out = [" ".join([f"{'name':<{first}}", *(f"{k:>{w}}" for k, w in zip(result.metrics, widths))])]
+    for name, values in lines:
+        cells = (f"{values[k]:>{w}.4f}" for k, w in zip(result.metrics, widths))
+        out.append(" ".join([f"{name:<{first}}", *cells]))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- mgdn-eval
+
+
+def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, Path]:
+    """--config (with --config.FIELD=VALUE overrides) and --workdir -> (config, workdir)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["mgdn-eval", *argv]
+    flag_values = flags.FlagValues()
+    config = config_flags.DEFINE_config_file(  # it finds the override flags in `sys_argv`
+        "config", None, "configs/<task>.py[:arg]", flag_values=flag_values, sys_argv=argv
     )
-    totals: dict[str, float] = defaultdict(float)
-    samples: dict[str, np.ndarray] = {}
-    count = 0
-    for batch in input_pipeline.create_eval_loader(config):
-        output = np.asarray(forward(*batch["inputs"]))
-        for key, value in image_metrics(task, output, batch, fusion_metrics).items():
-            totals[key] += value
-        count += 1
-        if len(samples) < num_samples:
-            samples[str(batch["name"][0])] = to_uint8(output[0])
-    if sample_dir is not None:
-        sample_dir.mkdir(parents=True, exist_ok=True)
-        for name, image in samples.items():
-            Image.fromarray(image).save(sample_dir / f"{name}.png")
-    return EvalResult({k: v / max(count, 1) for k, v in totals.items()}, count, samples)
+    workdir = flags.DEFINE_string(
+        "workdir", ".", "results go to WORKDIR/eval/<dataset>_<split>/", flag_values=flag_values
+    )
+    try:
+        extra = flag_values(argv)[1:]
+    except Exception as e:  # config_flags passes on whatever loading the config file raised
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        field = re.fullmatch(r"""["']*([A-Za-z_]\w*)["']*""", lines[0] if lines else "")
+        if isinstance(e, (AttributeError, KeyError)) and field:
+            raise UserError(f"unknown config field '{field[1]}' in a --config override") from e
+        raise UserError(f"--config: {lines[-1] if lines else type(e).__name__}") from e
+    if extra:
+        raise UserError(f"unexpected arguments: {' '.join(extra)}")
+    if config.value is None:
+        raise UserError("--config is required (configs/<task>.py)")
+    return config.value, Path(workdir.value)
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """`path/to/config.py[:arg]` -> its `get_config(arg)`."""
-    path, _, arg = spec.partition(":")
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such config file")
-    module_spec = importlib.util.spec_from_file_location("mgdn_eval_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+def check_eval_config(config: ml_collections.ConfigDict) -> Path:
+    """One-line `UserError`s for a config mgdn-eval cannot run; returns the weights path."""
+    import mgdn_datasets
+    import tensorflow_datasets as tfds
+
+    if "eval" not in config or "weights" not in config:
+        raise UserError("the config has no `eval` section or `weights` field")
+    if config.weights is None:
+        raise UserError("no weights: pass --config.weights=PATH (a .pth or converted directory)")
+    weights = Path(config.weights)
+    if not weights.exists():
+        raise UserError(f"{weights}: no such file or directory")
+    if config.eval.pad not in PAD_MODES:
+        raise UserError(f"unknown eval.pad {config.eval.pad!r}; expected one of {PAD_MODES}")
+    name, data_dir = config.eval.dataset, config.data.data_dir
+    if not name:
+        raise UserError("no eval dataset: pass --config.eval.dataset=NAME")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        known = ", ".join(getattr(mgdn_datasets, b).name for b in mgdn_datasets.__all__)
+        raise UserError(f"unknown dataset {name!r}; the MGDN datasets are {known}") from e
+    except ValueError as e:
+        raise UserError(f"dataset {name!r}: {str(e).splitlines()[0]}") from e
+    if not builder.is_prepared():
+        if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+            where = f" --data_dir {data_dir}" if data_dir else ""
+            raise UserError(
+                f"{name} is not prepared in {builder.data_dir}; build it with "
+                f"`python -m mgdn_datasets.build {name} --manual_dir DIR{where}`"
+            )
+        return weights  # generated on first use; its splits are known once built
+    try:
+        builder.info.splits[config.eval.split]
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{name}: {str(e).splitlines()[0]}") from e
+    return weights
+
+
+def run_eval(argv: list[str], progress: Callable[[Iterable], Iterable]) -> None:
+    """The body of `mgdn-eval` (see `USAGE`)."""
+    from mgdn_jax.convert import load_weights
+
+    config, workdir = _parse(argv)
+    weights = check_eval_config(config)
+    model = load_weights(weights, config.model.variant)
+    directory = results_dir(workdir, config)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{directory}: cannot create ({e.strerror})") from e
+    result = evaluate(
+        model,
+        config,
+        output_dir=directory / "outputs" if config.eval.save_outputs else None,
+        progress=progress,
+    )
+    write_results(result, directory, {"weights": str(weights)})
+    print(f"{result.dataset} ({result.split}), {len(result.rows)} images, weights {weights}")
+    print(format_table(result))
+    if "fusion_metrics" in result.convention:
+        print("fusion metrics: 8-bit grey 0..255 (BT.601 luma, rounded), EN / MI in bits")
+    print(f"wrote {directory / 'results.json'}, {directory / 'results.csv'}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mgdn-eval", description="Evaluate MGDN weights on a config's eval dataset."
-    )
-    parser.add_argument("--config", required=True, help="configs/<task>.py[:arg]")
-    parser.add_argument("--weights", required=True, help="WORKDIR/export or mgdn-convert output")
-    parser.add_argument("--data-dir", help="TFDS data_dir (default: the config's)")
-    parser.add_argument("--samples", type=Path, help="write every fused image here as PNG")
-    parser.add_argument("--fusion-metrics", action="store_true", help="also EN, SF, Qabf, ...")
-    args = parser.parse_args(argv)
+    """`mgdn-eval`; `argv` without the program name (default: sys.argv[1:])."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help", "-help") for arg in argv):
+        print(USAGE, end="")
+        return 0
+    runtime.configure()
+    from tqdm import tqdm
 
-    def run() -> None:
-        from mgdn_jax.convert import load_converted
+    def progress(batches: Iterable) -> Iterable:
+        return tqdm(batches, desc="evaluating", unit="image", file=sys.stderr)
 
-        config = load_config(args.config)
-        if args.data_dir:
-            config.data.data_dir = args.data_dir
-        model, _ = load_converted(args.weights)
-        result = evaluate(
-            model,
-            config,
-            sample_dir=args.samples,
-            num_samples=sys.maxsize if args.samples else 0,
-            fusion_metrics=args.fusion_metrics,
-        )
-        print(json.dumps({"images": result.count, **result.metrics}, indent=2))
-
-    return run_cli(run)
+    return run_cli(lambda: run_eval(argv, progress))
 
 
 if __name__ == "__main__":

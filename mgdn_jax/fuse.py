@@ -4,10 +4,14 @@
     mgdn-fuse --variant mef --weights DIR --input-dir under/ over/ --output-dir out/
     mgdn-fuse --variant hdr --weights W --exposures 0 2 4 --output out.hdr l1.tif l2.tif l3.tif
     mgdn-fuse --variant gdsr --weights W --scale 4 --output depth.npy rgb.jpg lr_depth.npy
+    mgdn-fuse --variant mff --weights W --tile 512 --tile-overlap 64 --output out.png A.jpg B.jpg
+    mgdn-fuse --variant mff --weights W --dtype bfloat16 --output out.png A.jpg B.jpg
 
 The output suffix picks the format: .png/.jpg uint8 with the official quantisation (clip, x255,
 round), .npy float32 before quantisation, .tif 16-bit, .hdr Radiance (HDR). GDSR writes the
 depth in the units of the input (.npy) and a coloured preview beside it (`NAME.preview.png`).
+`--tile` fuses large images in overlapping tiles (an approximation, see the README);
+`--dtype bfloat16` computes in bfloat16 with float32 parameters.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ import numpy as np
 
 from mgdn_jax import image_io, runtime
 from mgdn_jax.errors import UserError, run_cli
-from mgdn_jax.variants import VARIANTS
+from mgdn_jax.inference import (
+    DEFAULT_OVERLAP,
+    DEFAULT_TILE,
+    DTYPES,
+    check_tiling,
+    jit_forward,
+    run,
+)
+from mgdn_jax.variants import VARIANTS, model_config
 
 HDR_GAMMA = 2.2
 INPUT_COUNT = {"mff": 2, "mef": 2, "hdr": 3, "gdsr": 2, "gdsr16": 2}
@@ -112,7 +124,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=4, help="GDSR upsampling factor")
     p.add_argument("--exposures", type=float, nargs="+", help="HDR: EV stops of the frames")
     p.add_argument("--exposure-file", type=Path, help="HDR: Kalantari exposure.txt")
+    p.add_argument(
+        "--tile",
+        type=int,
+        metavar="SIZE",
+        help=f"fuse in SIZE x SIZE tiles, e.g. {DEFAULT_TILE} (a multiple of 8 and of the model "
+        "window); images no larger than a tile run whole",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=int,
+        metavar="N",
+        help=f"least overlap of neighbouring tiles in pixels (default {DEFAULT_OVERLAP}, or a "
+        "quarter of a smaller tile)",
+    )
+    p.add_argument(
+        "--tile-batch", type=int, default=1, metavar="B", help="with --tile: tiles per pass"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="compute dtype (parameters are stored, and outputs returned, in float32)",
+    )
     return p
+
+
+def _check_tiling(args: argparse.Namespace) -> None:
+    """Validates the tiling options, before any work."""
+    if args.tile is not None:
+        window = model_config(args.variant).window_size
+        check_tiling(args.tile, args.tile_overlap, window, args.tile_batch)
+    elif args.tile_overlap is not None:
+        raise UserError("--tile-overlap needs --tile")
 
 
 def _jobs(args: argparse.Namespace) -> list[tuple[list[Path], Path]]:
@@ -134,6 +178,7 @@ def _jobs(args: argparse.Namespace) -> list[tuple[list[Path], Path]]:
 
 
 def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) -> None:
+    _check_tiling(args)
     jobs = _jobs(args)
     for paths, out in jobs:
         image_io.check_writable(out)
@@ -152,13 +197,21 @@ def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) 
         args.exposures = np.power(2.0, np.asarray(args.exposures, np.float32))
 
     from mgdn_jax.convert import load_weights
-    from mgdn_jax.inference import jit_forward, run
 
     model = load_weights(args.weights, args.variant)
-    forward = jit_forward(model)
+    forward = jit_forward(model, args.dtype)
     for paths, out in progress(jobs, desc="fusing", unit="image", disable=len(jobs) == 1):
         inputs, extras = prepare(args.variant, paths, args)
-        finish(args.variant, run(forward, inputs, model.window_size, args.pad), extras, out)
+        output = run(
+            forward,
+            inputs,
+            model.window_size,
+            args.pad,
+            tile=args.tile,
+            overlap=args.tile_overlap,
+            tile_batch=args.tile_batch,
+        )
+        finish(args.variant, output, extras, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -262,7 +262,8 @@ def create_train_loader(
 def create_eval_loader(
     config: ml_collections.ConfigDict, *, shard_options: grain.sharding.ShardOptions | None = None
 ) -> grain.IterDataset:
-    """One pass over `config.data.eval_dataset`: full-size images, batches of 1, dataset order.
+    """One pass over `config.eval.split` of `config.eval.dataset` (read with the `config.data`
+    settings): full-size images, batches of 1, dataset order.
 
     `shard_options` default to this JAX process's share (`ShardByJaxProcess`): process i of n
     gets examples i, i + n, ..., so the processes together see every example once (shares may
@@ -270,7 +271,7 @@ def create_eval_loader(
     """
     data = config.data
     shard_options = shard_options or grain.sharding.ShardByJaxProcess()
-    source = load_source(data.eval_dataset, data.eval_split, data.data_dir)
+    source = load_source(config.eval.dataset, config.eval.split, data.data_dir)
     dataset = (
         grain.MapDataset.source(source)[shard_options.shard_index :: shard_options.shard_count]
         .map(EvalTransform(_preprocess(data, source)))

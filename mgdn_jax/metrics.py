@@ -46,6 +46,9 @@ MEF_SSIM_SCALE_WEIGHTS = (0.0448, 0.2856, 0.3001)
 VIF_SIGMA_NSQ = 2.0
 VIF_SCALES = 4
 
+# The no-reference fusion metrics, in the order `fusion_metrics` returns them.
+FUSION_METRIC_NAMES = ("EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "MEF-SSIM")
+
 FUSION_METRIC_CONVENTION: dict[str, str | int | float] = {
     "grey": "ITU-R BT.601 luma 0.299 R + 0.587 G + 0.114 B of the image clipped to [0, 1]",
     "range": "0..255",
@@ -105,21 +108,22 @@ def gaussian_window(size: int, sigma: float) -> np.ndarray:
 
 
 def filter_valid(x: jax.Array, taps: np.ndarray) -> jax.Array:
-    """Separable 'valid' correlation of (N, H, W) planes with the outer product of 1-D taps.
+    """Separable 'valid' correlation of (..., H, W) planes with the outer product of 1-D taps.
 
-    Returns (N, H - k + 1, W - k + 1), k = len(taps).
+    Returns (..., H - k + 1, W - k + 1), k = len(taps). A loop of k shifted multiply-adds per
+    axis: on CPU several times faster than a one-channel convolution, and quick to compile.
     """
     k = len(taps)
-    t = jnp.asarray(taps, jnp.float32)
-    dn = ("NHWC", "HWIO", "NHWC")
-    y = x[..., None]
-    y = jax.lax.conv_general_dilated(
-        y, t.reshape(k, 1, 1, 1), (1, 1), "VALID", dimension_numbers=dn, precision=HIGHEST
-    )
-    y = jax.lax.conv_general_dilated(
-        y, t.reshape(1, k, 1, 1), (1, 1), "VALID", dimension_numbers=dn, precision=HIGHEST
-    )
-    return y[..., 0]
+    t = jnp.asarray(taps, x.dtype)
+
+    def along(y: jax.Array, axis: int) -> jax.Array:
+        n = y.shape[axis] - k + 1
+        out = jnp.zeros((*y.shape[:axis], n, *y.shape[axis + 1 :]), y.dtype)
+        return jax.lax.fori_loop(
+            0, k, lambda i, acc: acc + t[i] * jax.lax.dynamic_slice_in_dim(y, i, n, axis), out
+        )
+
+    return along(along(x, x.ndim - 2), x.ndim - 1)
 
 
 def _check_window(shape: tuple[int, ...], size: int, what: str) -> None:
@@ -477,12 +481,13 @@ def fusion_metrics(fused: jax.Array, sources: Sequence[jax.Array]) -> dict[str, 
     """All fusion metrics of one fused image against its two sources.
 
     fused, sources: (H, W, C) images in [0, 1], C = 1 or 3 (or (H, W) grey), H, W >= 44;
-    converted to 0..255 grey by `FUSION_METRIC_CONVENTION`. Returns {"EN", "SD", "SF", "AG",
-    "MI", "SCD", "VIF", "Qabf", "MEF-SSIM"} as Python floats.
+    converted to 0..255 grey by `FUSION_METRIC_CONVENTION`. Returns {name: Python float} in the
+    order of `FUSION_METRIC_NAMES`.
     """
     if len(sources) != 2:
         raise ValueError(f"fusion metrics take two source images, got {len(sources)}")
     f, a, b = (to_grey_255(x) for x in (fused, *sources))
     if not f.shape == a.shape == b.shape:
         raise ValueError(f"fused {f.shape} and sources {a.shape}, {b.shape} differ in size")
-    return {k: float(v) for k, v in _fusion_metrics_grey(f, a, b).items()}
+    values = _fusion_metrics_grey(f, a, b)
+    return {k: float(values[k]) for k in FUSION_METRIC_NAMES}

@@ -8,7 +8,7 @@ import ml_collections
 from flax import nnx
 
 from mgdn_jax.errors import UserError
-from mgdn_jax.layers import ConvAct, conv, lrelu
+from mgdn_jax.layers import ConvAct, checkpointed, conv, lrelu
 from mgdn_jax.mgdf import MutualMGDF, ReferenceMGDF
 from mgdn_jax.transformer import TransformerGroup
 
@@ -45,14 +45,15 @@ class FusionStage(nnx.Module):
         self.out_convs = nnx.List([conv(2 * c, c, 1, rngs=rngs) for _ in range(n)])
 
     def __call__(
-        self, xs: list[jax.Array], filtered: list[jax.Array] | None = None
+        self, xs: list[jax.Array], filtered: list[jax.Array] | None = None, remat: bool = False
     ) -> list[jax.Array]:
         """n (B, H, W, C) maps -> n (B, H, W, C) maps. `filtered`, if given, is `self.mgdf(xs)`
-        computed by the caller (who also needs it)."""
+        computed by the caller (who also needs it); `remat` recomputes the MGDF and every
+        transformer block in the backward pass."""
         if filtered is None:
-            filtered = self.mgdf(xs)
+            filtered = checkpointed(self.mgdf, remat)(xs)
         x = self.merge(jnp.concatenate(filtered, axis=-1))
-        context = self.dilated_conv(self.transformer(x))
+        context = self.dilated_conv(self.transformer(x, remat))
         return [
             out(jnp.concatenate([context, f], axis=-1)) for out, f in zip(self.out_convs, filtered)
         ]
@@ -85,10 +86,15 @@ class MGDN(nnx.Module):
         return self.embed[i % len(self.embed)](x)
 
     def __call__(
-        self, *inputs: jax.Array, return_features: bool = False
+        self, *inputs: jax.Array, return_features: bool = False, remat: bool = False
     ) -> jax.Array | tuple[jax.Array, list[list[jax.Array]]]:
         """Fuses the inputs; with `return_features`, also returns the MGDF-filtered maps of every
-        stage: features[stage][input] is (B, Hp, Wp, C) at the window-padded size Hp x Wp."""
+        stage: features[stage][input] is (B, Hp, Wp, C) at the window-padded size Hp x Wp.
+
+        remat: under differentiation, keep only the inputs of every MGDF and transformer block
+        and recompute their activations in the backward pass (less memory, about a third more
+        work).
+        """
         if len(inputs) != self.num_inputs:
             raise ValueError(
                 f"variant {self.variant!r} takes {self.num_inputs} inputs, got {len(inputs)}"
@@ -104,8 +110,8 @@ class MGDN(nnx.Module):
         skip = feats[self.skip_input]
         filtered = []
         for stage in self.stages:
-            filtered.append(stage.mgdf(feats))
-            feats = stage(feats, filtered[-1])
+            filtered.append(checkpointed(stage.mgdf, remat)(feats))
+            feats = stage(feats, filtered[-1], remat)
         x = self.merge(jnp.concatenate(feats, axis=-1)) + skip
         out = self.head(x)[:, :h, :w, :]
         return (out, filtered) if return_features else out

@@ -7,26 +7,32 @@ replicated; every batch is split along `data`, each process contributing its own
 (`jax.make_array_from_process_local_data`). One `jax.jit` train step with explicit in/out
 shardings and the state donated. Parameters are always float32; `compute_dtype` bfloat16 casts
 them (and the inputs) for the forward/backward pass only, losses are computed in float32.
+
+Logging: the step's scalars accumulate on device in a clu metrics Collection between log steps;
+clu's default writer logs them (TensorBoard event files in the workdir and log lines), clu's
+periodic actions report progress and optionally profile. clu's writers and periodic actions
+import TensorFlow (the `train` extra), so they are imported by the training loop only: the
+configs import this module, and `mgdn-eval` reads the configs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
-import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from clu import metrics as clu_metrics
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -34,10 +40,15 @@ from mgdn_jax import checkpoint, evaluate, input_pipeline
 from mgdn_jax.losses import default_loss_config, task_loss
 from mgdn_jax.model import build_model
 
+if TYPE_CHECKING:
+    from clu import metric_writers, periodic_actions
+
 # {"step": () int32, "params": nnx.State (float32), "opt_state": optax state, "rng": (2,) uint32
 # PRNG key, advanced every step and checkpointed for stochastic additions (the released
 # architecture itself draws no random numbers)}.
 TrainState = dict[str, Any]
+# (state, batch) -> (state, scalar metrics): `make_train_step`'s jitted step, or it compiled.
+TrainStep = Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, jax.Array]]]
 DATA_AXIS = "data"
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -56,13 +67,20 @@ def training_defaults(loss_task: str) -> ml_collections.ConfigDict:
     mesh: shape and axis names of the device mesh, -1 = all remaining devices; batches are
         split along "data", everything else is replicated.
     compute_dtype: "float32", or "bfloat16" (parameters stay float32).
-    remat: recompute activations in the backward pass, keeping only the weight matmuls'
-        outputs (less memory, more compute).
+    remat: keep only the inputs of every MGDF and transformer block for the backward pass,
+        which recomputes their activations (less memory, about a third more compute).
     log_every, eval_every, checkpoint_every: intervals in steps (eval/checkpoint also at the
         end; 0 turns eval off). keep_checkpoints: how many to keep. async_checkpoints: save
-        in the background. num_samples: fused eval images written as PNG at every evaluation.
-        fusion_metrics: also compute the no-reference fusion metrics (EN, SF, Qabf, ...) at
-        evaluation (MFF / MEF, images of at least 44x44).
+        in the background.
+    eval: evaluation during training and by `mgdn-eval` (`mgdn_jax.evaluate`): dataset and
+        split (each config sets the dataset); pad, "official" (the official script's flip
+        padding to the next multiple of 8) or "model" (the network's reflect padding only);
+        fusion_metrics: also the no-reference fusion metrics (EN, SF, Qabf, ...) on MFF / MEF
+        sets with a reference (always computed on sets without one; images of at least
+        44x44); num_samples: fused images written as PNG (WORKDIR/samples/STEP) and logged at
+        every evaluation during training; save_outputs: `mgdn-eval` writes every fused image.
+    weights: the weights `mgdn-eval` evaluates (an official .pth or a converted / exported
+        directory); unused by training.
     """
     loss = default_loss_config()
     loss.task = loss_task
@@ -88,13 +106,22 @@ def training_defaults(loss_task: str) -> ml_collections.ConfigDict:
             mesh=dict(shape=(-1,), axes=(DATA_AXIS,)),
             compute_dtype="float32",
             remat=False,
+            profile_steps=0,
+            profile_first_step=10,
             log_every=50,
             eval_every=5000,
             checkpoint_every=1000,
             keep_checkpoints=3,
             async_checkpoints=True,
-            num_samples=4,
-            fusion_metrics=False,
+            eval=dict(
+                dataset=ml_collections.config_dict.placeholder(str),
+                split="test",
+                pad="official",
+                fusion_metrics=False,
+                num_samples=4,
+                save_outputs=True,
+            ),
+            weights=ml_collections.config_dict.placeholder(str),
         )
     )
 
@@ -183,7 +210,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     mesh: jax.sharding.Mesh,
-) -> Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, jax.Array]]]:
+) -> TrainStep:
     """The jitted step (state, batch) -> (state, scalar metrics); the state is donated.
 
     batch: {"inputs": tuple of (B, H, W, C_i), "target": (B, H, W, C_out) (optional)}, split
@@ -193,12 +220,7 @@ def make_train_step(
 
     def forward(params: nnx.State, inputs: tuple[jax.Array, ...]) -> tuple[jax.Array, Any]:
         model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(dtype), params))
-        return model(*(x.astype(dtype) for x in inputs), return_features=True)
-
-    if config.remat:
-        forward = jax.checkpoint(
-            forward, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-        )
+        return model(*(x.astype(dtype) for x in inputs), return_features=True, remat=config.remat)
 
     def loss_fn(params: nnx.State, batch: dict[str, Any]) -> tuple[jax.Array, dict]:
         output, features = forward(params, batch["inputs"])
@@ -258,66 +280,163 @@ def batch_fingerprint(batch: dict[str, Any]) -> str:
 
 
 class MetricLog:
-    """Scalars to absl/python logging, to WORKDIR/metrics.jsonl (process 0) and, when clu's
-    TensorBoard writer can be imported (the `train` extra), to TensorBoard; images to
-    TensorBoard."""
+    """clu's default metric writer and WORKDIR/metrics.jsonl.
+
+    Process 0 writes TensorBoard event files into the workdir and log lines, the others log
+    lines only. Process 0 also appends every `scalars` call and every `record` to metrics.jsonl,
+    one JSON object per line.
+    """
 
     def __init__(self, workdir: Path):
+        from clu import metric_writers  # imports TensorFlow: the `train` extra
+
         self.primary = jax.process_index() == 0
         self.path = workdir / "metrics.jsonl"
-        self.writer = self._tensorboard(workdir)
+        self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.primary)
 
-    def _tensorboard(self, workdir: Path) -> Any:
-        try:
-            from clu import metric_writers
-        except ImportError:
-            logging.info("clu/TensorFlow unavailable: no TensorBoard summaries")
-            return None
-        return metric_writers.create_default_writer(workdir, just_logging=not self.primary)
-
-    def scalars(
-        self, step: int, values: dict[str, float], *, echo: bool = True, **extra: Any
-    ) -> None:
-        """Appends {"step", **values, **extra} to metrics.jsonl; with `echo`, also logs the
-        values and writes them to TensorBoard."""
+    def record(self, step: int, **fields: Any) -> None:
+        """Appends {"step": step, **fields} to metrics.jsonl."""
         if self.primary:
             with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, **values, **extra}) + "\n")
-        if not echo:
-            return
-        logging.info("step %d: %s", step, ", ".join(f"{k} {v:.5g}" for k, v in values.items()))
-        if self.writer is not None:
-            self.writer.write_scalars(step, values)
+                f.write(json.dumps({"step": step, **fields}) + "\n")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """To metrics.jsonl, the log and TensorBoard."""
+        self.record(step, **values)
+        self.writer.write_scalars(step, values)
 
     def images(self, step: int, images: dict[str, np.ndarray]) -> None:
-        if self.writer is not None and images:
+        """(H, W, C) uint8 images to TensorBoard."""
+        if images:
             self.writer.write_images(step, {k: v[None] for k, v in images.items()})
 
-    def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+    def close(self) -> None:
+        """Flushes and closes the writer."""
+        self.writer.close()
+
+
+def metric_collection(names: Iterable[str]) -> type[clu_metrics.Collection]:
+    """A clu Collection of the train step's scalars `names`: the mean of each over the steps
+    it accumulates, except `learning_rate`, of which it keeps the last value."""
+
+    def kind(name: str) -> type[clu_metrics.Metric]:
+        return clu_metrics.LastValue if name == "learning_rate" else clu_metrics.Average
+
+    return clu_metrics.Collection.create(**{name: kind(name).from_output(name) for name in names})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _accumulate(
+    kind: type[clu_metrics.Collection],
+    collection: clu_metrics.Collection | None,
+    metrics: dict[str, jax.Array],
+) -> clu_metrics.Collection:
+    """`collection` (None: nothing yet) merged with one step's scalar `metrics`."""
+    update = kind.single_from_model_output(**metrics)
+    return update if collection is None else collection.merge(update)
+
+
+@jax.jit
+def _compute(collection: clu_metrics.Collection) -> dict[str, jax.Array]:
+    return collection.compute()
+
+
+class TrainMetrics:
+    """The train steps' metrics since the last log, kept on device so that steps are dispatched
+    without waiting: a clu Collection accumulates their averages, and every step's scalars wait,
+    with its batch fingerprint, for their per-step record."""
+
+    def __init__(self) -> None:
+        self.kind: type[clu_metrics.Collection] | None = None
+        self.collection: clu_metrics.Collection | None = None
+        self.steps: list[tuple[int, dict[str, jax.Array], str]] = []
+
+    def add(self, step: int, metrics: dict[str, jax.Array], fingerprint: str) -> None:
+        """Accumulates the scalar `metrics` of `step`, whose batch has `fingerprint`."""
+        if self.kind is None:
+            self.kind = metric_collection(metrics)
+        self.collection = _accumulate(self.kind, self.collection, metrics)
+        self.steps.append((step, metrics, fingerprint))
+
+    def drain(self) -> tuple[dict[str, float], list[tuple[int, dict[str, float], str]]]:
+        """(the averages, [(step, its scalars, its batch fingerprint)]) of the steps added since
+        the last call. Raises NonFiniteLossError naming the first step whose loss is NaN or
+        infinite."""
+        averages, values = jax.device_get(
+            (_compute(self.collection), [metrics for _, metrics, _ in self.steps])
+        )
+        steps = [
+            (step, {k: float(v) for k, v in metrics.items()}, fingerprint)
+            for (step, _, fingerprint), metrics in zip(self.steps, values)
+        ]
+        self.collection, self.steps = None, []
+        for step, metrics, _ in steps:
+            if not np.isfinite(metrics["loss"]):
+                raise NonFiniteLossError(
+                    f"non-finite loss {metrics['loss']} at step {step}; stopping. The latest "
+                    "checkpoint (if any) is the last good one."
+                )
+        return {k: float(v) for k, v in averages.items()}, steps
+
+
+def _log_window(log: MetricLog, window: TrainMetrics, step: int) -> None:
+    """Drains `window`: a metrics.jsonl record per step, the averages as train/NAME at `step`."""
+    averages, steps = window.drain()
+    for s, values, fingerprint in steps:
+        log.record(s, **values, batch=fingerprint)
+    log.scalars(step, {f"train/{name}": value for name, value in averages.items()})
+
+
+def _periodic_actions(
+    config: ml_collections.ConfigDict, workdir: Path, writer: metric_writers.MetricWriter
+) -> tuple[periodic_actions.ReportProgress, list[periodic_actions.PeriodicAction]]:
+    """clu's ReportProgress (every `log_every` steps: steps/s, ETA and the share of time spent
+    waiting for data and evaluating) and, if `profile_steps` > 0, a Profile of that many steps
+    from step `profile_first_step` into WORKDIR/plugins/profile (TensorBoard's profile tab)."""
+    from clu import periodic_actions  # imports TensorFlow: the `train` extra
+
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=config.total_steps,
+        writer=writer,
+        every_steps=config.log_every,
+        every_secs=None,
+    )
+    actions = [progress]
+    if config.get("profile_steps", 0):
+        actions.append(
+            periodic_actions.Profile(
+                logdir=workdir,
+                num_profile_steps=config.profile_steps,
+                profile_duration_ms=None,
+                first_profile=config.get("profile_first_step", 10),
+                every_secs=None,
+            )
+        )
+    return progress, actions
 
 
 class _Stop:
-    """Set by SIGTERM: the loop saves a checkpoint at the next step and returns."""
+    """SIGTERM in a single-process run: the loop saves a checkpoint at the next step and
+    returns. With several processes JAX's preemption service receives SIGTERM, and
+    `CheckpointManager.reached_preemption` stops them all at the same step."""
 
     def __init__(self) -> None:
         self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.previous = None
+        if jax.process_count() == 1:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         logging.warning("SIGTERM: saving a checkpoint and stopping")
         self.requested = True
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the latest checkpoint is the last good one."""
-
-
-# ----------------------------------------------------------------------------- loop
 
 
 def _abstract_state(initial: Callable[[], TrainState], mesh: jax.sharding.Mesh) -> TrainState:
@@ -338,29 +457,15 @@ def _local_params(params: nnx.State) -> nnx.State:
     return jax.tree.map(lambda x: x.addressable_data(0), params)
 
 
-class _Pending:
-    """Per-step metrics kept on device until the next log / checkpoint, so that steps are
-    dispatched without waiting; `drain` fetches them and checks the loss."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[int, dict[str, jax.Array], str]] = []
-
-    def add(self, step: int, metrics: dict[str, jax.Array], fingerprint: str) -> None:
-        self.items.append((step, metrics, fingerprint))
-
-    def drain(self) -> list[tuple[int, dict[str, float], str]]:
-        fetched = [
-            (step, {k: float(v) for k, v in jax.device_get(m).items()}, fp)
-            for step, m, fp in self.items
-        ]
-        self.items = []
-        for step, metrics, _ in fetched:
-            if not np.isfinite(metrics["loss"]):
-                raise NonFiniteLossError(
-                    f"non-finite loss {metrics['loss']} at step {step}; stopping. The latest "
-                    "checkpoint (if any) is the last good one."
-                )
-        return fetched
+def _compile_on_all_processes(
+    train_step: TrainStep, state: TrainState, batch: dict[str, Any]
+) -> TrainStep:
+    """`train_step` compiled for `state` and `batch`, once every process has compiled it: CPU
+    collectives (gloo) fail when the processes reach their first collective more than 30 s
+    apart, and compile times differ."""
+    compiled = train_step.lower(state, batch).compile()
+    checkpoint.barrier("train step compiled")
+    return compiled
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
@@ -387,47 +492,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         state = checkpoint.restore(manager, latest, _abstract_state(initial, mesh), iterator)
         logging.info("resumed from step %d of %s", latest, workdir)
     train_step = make_train_step(config, graphdef, tx, schedule, mesh)
+    compiled = None
     step = int(jax.device_get(state["step"]))
-    pending = _Pending()
+    window = TrainMetrics()
+    progress, actions = _periodic_actions(config, workdir, log.writer)
     stop = _Stop()
-    last_time, last_step = time.perf_counter(), step
-    data_wait = 0.0  # seconds blocked on the input pipeline since the last log line
     try:
         while step < config.total_steps:
-            wait_start = time.perf_counter()
-            batch = next(iterator)
-            data_wait += time.perf_counter() - wait_start
+            with progress.timed("data", wait_jax_async_dispatch=False):
+                batch = next(iterator)
             fingerprint = batch_fingerprint(batch)
-            state, metrics = train_step(state, device_batch(batch, mesh))
+            arrays = device_batch(batch, mesh)
+            if compiled is None:
+                compiled = _compile_on_all_processes(train_step, state, arrays)
+            state, metrics = compiled(state, arrays)
             step += 1
-            pending.add(step, metrics, fingerprint)
+            window.add(step, metrics, fingerprint)
             final = step == config.total_steps
             stopping = stop.requested or manager.reached_preemption(step)
             saving = final or stopping or step % config.checkpoint_every == 0
             evaluating = config.eval_every and (final or step % config.eval_every == 0)
             if saving or evaluating or step % config.log_every == 0:
-                fetched = pending.drain()
-                now = time.perf_counter()
-                rate = (step - last_step) / (now - last_time)
-                timing = {
-                    "steps_per_sec": rate,
-                    "data_wait_fraction": data_wait / (now - last_time),
-                }
-                last_time, last_step, data_wait = now, step, 0.0
-                for s, values, fp in fetched:
-                    log.scalars(s, {**values, **timing}, echo=s == step, batch=fp)
+                _log_window(log, window, step)
+            for action in actions:
+                action(step)
             if saving:
                 checkpoint.save(manager, step, state, iterator)
             if evaluating:
-                run_evaluation(config, graphdef, state["params"], workdir, step, log)
-                last_time = time.perf_counter()
+                with progress.timed("eval"):
+                    run_evaluation(config, graphdef, state["params"], workdir, step, log)
             if stopping:
                 break
     finally:
         stop.restore()
         manager.wait_until_finished()
         manager.close()
-        log.flush()
+        log.close()
     if step == config.total_steps and not config.eval_every:
         checkpoint.export_params(state["params"], config.model, workdir / "export")
     return state
@@ -441,22 +541,24 @@ def run_evaluation(
     step: int,
     log: MetricLog,
 ) -> dict[str, float]:
-    """Evaluates on `config.data.eval_dataset`, writes sample PNGs to WORKDIR/samples/STEP/,
-    logs the metrics (averaged over all processes' images) and exports the parameters."""
+    """Evaluates on `config.eval.dataset` (`evaluate.evaluate`, every process its share): writes
+    the first `config.eval.num_samples` outputs of each process to WORKDIR/samples/STEP/, and
+    from process 0 the per-image and mean metrics of all images to
+    WORKDIR/eval/<dataset>_<split>/step_STEP/results.{json,csv}; logs the means and exports
+    the parameters."""
     model = nnx.merge(graphdef, _local_params(params))
-    samples = workdir / "samples" / f"{step:08d}"
+    num_samples = config.eval.num_samples
     result = evaluate.evaluate(
         model,
         config,
-        sample_dir=samples,
-        num_samples=config.num_samples,
-        fusion_metrics=config.fusion_metrics,
+        output_dir=workdir / "samples" / f"{step:08d}",
+        num_outputs=num_samples,
+        num_samples=num_samples,
     )
-    totals = {k: np.float64(v * result.count) for k, v in result.metrics.items()}
-    totals["count"] = np.float64(result.count)
-    totals = jax.tree.map(lambda x: float(np.sum(multihost_utils.process_allgather(x))), totals)
-    count = max(totals.pop("count"), 1.0)
-    metrics = {f"eval/{k}": v / count for k, v in totals.items()}
+    if jax.process_index() == 0:
+        directory = evaluate.results_dir(workdir, config) / f"step_{step:08d}"
+        evaluate.write_results(result, directory, {"step": step})
+    metrics = {f"eval/{k}": v for k, v in result.mean.items()}
     log.scalars(step, metrics)
     log.images(step, result.samples)
     checkpoint.export_params(params, config.model, workdir / "export")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgdn_jax.layers import conv
+from mgdn_jax.layers import checkpointed, conv
 
 MASK_VALUE = -100.0
 LN_EPS = 1e-5
@@ -138,7 +138,9 @@ class ContextAwareTransformerBlock(nnx.Module):
         b, h, w, c = x.shape
         u = self.norm1(x)
         shifted = jnp.roll(u, (-self.shift, -self.shift), axis=(1, 2)) if self.shift else u
-        mask = jnp.asarray(shift_mask(h, w, self.window, self.shift)) if self.shift else None
+        mask = (
+            jnp.asarray(shift_mask(h, w, self.window, self.shift), u.dtype) if self.shift else None
+        )
         attn = self.attn(window_partition(shifted, self.window), mask)
         attn = window_merge(attn, self.window, h, w)
         if self.shift:
@@ -163,8 +165,8 @@ class TransformerGroup(nnx.Module):
             ]
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, C) -> (B, H, W, C)."""
+    def __call__(self, x: jax.Array, remat: bool = False) -> jax.Array:
+        """(B, H, W, C) -> (B, H, W, C); `remat` recomputes each block in the backward pass."""
         for block in self.blocks:
-            x = block(x)
+            x = checkpointed(block, remat)(x)
         return x

@@ -34,10 +34,15 @@ def load_config(name: str) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
-def config_for(data_dir: Path, name: str = "synthetic_mff", **data) -> ml_collections.ConfigDict:
-    """configs/<name>.py reading `data_dir`, in-process (no workers) unless `data` says so."""
+def config_for(
+    data_dir: Path, name: str = "synthetic_mff", eval_dataset: str | None = None, **data
+) -> ml_collections.ConfigDict:
+    """configs/<name>.py reading `data_dir`, in-process (no workers) unless `data` says so,
+    evaluating on `eval_dataset` if given."""
     config = load_config(name)
     config.data.update({"data_dir": str(data_dir), "num_workers": 0, **data})
+    if eval_dataset is not None:
+        config.eval.dataset = eval_dataset
     return config
 
 

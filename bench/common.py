@@ -1,0 +1,286 @@
+"""Helpers shared by the benchmark scripts: set-up, timing, memory, matmul peak, child
+processes, random parameters, Markdown tables and JSON results.
+
+The scripts import this module as `common` (they run as `python bench/<script>.py`, which puts
+bench/ first on sys.path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mgdn_jax import runtime
+
+CHILD_PREFIX = "BENCH-RESULT "
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Square size of the matmul whose FLOP/s is the machine's peak, per backend.
+MATMUL_SIZE = {"cpu": 2048}
+DEFAULT_MATMUL_SIZE = 8192
+
+
+def setup() -> None:
+    """The command-line tools' XLA flags (`mgdn_jax.runtime.configure`), without the persistent
+    compilation cache, so that compile times are real. Call before the first computation."""
+    runtime.configure()
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median and minimum of `times` (warm-up calls excluded)."""
+
+    median: float
+    min: float
+    times: tuple[float, ...]
+
+
+def timeit(
+    fn: Callable[[], Any], repeats: int, warmup: int = 1, max_seconds: float | None = None
+) -> Timing:
+    """Calls `fn` (whose result is waited for) `warmup` times, then times `repeats` calls, or
+    fewer (at least one) once the timed calls add up to more than `max_seconds`."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times: list[float] = []
+    while len(times) < max(repeats, 1) and (max_seconds is None or sum(times) <= max_seconds):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), min(times), tuple(times))
+
+
+def compile_timed(jitted: Any, *args: Any) -> tuple[Any, float]:
+    """(compiled executable, seconds to trace, lower and compile) of a `jax.jit` function."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- memory and FLOPs
+
+
+def compiled_memory(compiled: Any) -> dict[str, float]:
+    """XLA's buffer sizes of a compiled executable, in MB: temporaries, arguments, outputs."""
+    stats = compiled.memory_analysis()
+    return {
+        "temp_mb": stats.temp_size_in_bytes / 1e6,
+        "argument_mb": stats.argument_size_in_bytes / 1e6,
+        "output_mb": stats.output_size_in_bytes / 1e6,
+    }
+
+
+def compiled_flops(compiled: Any) -> float:
+    """XLA's FLOP count of a compiled executable (multiply-adds count 2; elementwise ops 1)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per partition
+        cost = cost[0]
+    return float(cost.get("flops", 0.0))
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak RSS (MB, since it started) and, on a GPU, the device's peak bytes in
+    use (MB); both only grow, so one configuration per process gives per-configuration peaks."""
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        peaks["device_peak_mb"] = stats["peak_bytes_in_use"] / 1e6
+    return peaks
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else `platform.processor()`."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor()
+
+
+def machine_info() -> dict[str, Any]:
+    """Backend, device, CPU count and library versions of this process."""
+    device = jax.devices()[0]
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "cpu_model": _cpu_model(),
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
+    }
+
+
+def matmul_peak(dtype: str = "float32", size: int | None = None, repeats: int = 5) -> dict:
+    """FLOP/s of one large square (size x size) @ (size x size) matmul in `dtype` on the default
+    backend, at the default matmul precision: {"matmul_size", "matmul_gflops"}."""
+    n = size or MATMUL_SIZE.get(jax.default_backend(), DEFAULT_MATMUL_SIZE)
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((n, n), np.float32), DTYPES[dtype]) for _ in "ab")
+    matmul = jax.jit(jnp.matmul)
+    timing = timeit(lambda: matmul(a, b), repeats)
+    return {"matmul_size": n, "matmul_gflops": 2 * n**3 / timing.median / 1e9}
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def child_result(result: dict[str, Any]) -> None:
+    """Hands `result` to the parent `run_child` (one marked line on stdout)."""
+    print(CHILD_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child(script: Path, spec: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """Runs `python script --child JSON(spec)` and returns the dict it hands back with
+    `child_result`, or {"status": "skipped (time budget)" | "failed: ..."}."""
+    command = [sys.executable, str(script), "--child", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "skipped (time budget)"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(CHILD_PREFIX):
+            return json.loads(line[len(CHILD_PREFIX) :])
+    if done.returncode < 0:
+        return {"status": f"failed: killed by signal {-done.returncode} (out of memory?)"}
+    tail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+    return {"status": f"failed: {tail[0][:200]}"}
+
+
+def execute(
+    script: Path,
+    run_one: Callable[[dict[str, Any]], dict[str, Any]],
+    spec: dict[str, Any],
+    in_process: bool,
+    budget: Budget,
+) -> dict[str, Any]:
+    """`run_one(spec)` in this process, or in a child process running `script` within what is
+    left of `budget`; {"status": "skipped (time budget)"} once it is spent."""
+    if budget.spent():
+        return {"status": "skipped (time budget)"}
+    if in_process:
+        return run_one(spec)
+    return run_child(script, spec, budget.left())
+
+
+class Budget:
+    """Wall-clock seconds left for a benchmark (None: unlimited)."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float | None:
+        return None if self.end is None else max(self.end - time.monotonic(), 0.0)
+
+    def spent(self) -> bool:
+        left = self.left()
+        return left is not None and left <= 0
+
+
+# ----------------------------------------------------------------------------- model parameters
+
+
+def _leaf_name(path: tuple) -> str:
+    names = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)]
+    return str(names[-1]) if names else ""
+
+
+def random_params(abstract: Any, dtype: str = "float32", seed: int = 0) -> Any:
+    """Concrete random values for a tree of `jax.ShapeDtypeStruct` parameters, made on the host
+    (compiling the model's own initialisers takes minutes on a CPU): kernels ~ N(0, 1/fan_in)
+    with fan_in the product of all but the last axis; 1-D `bias` zeros, other 1-D (norm scales,
+    temperatures) ones. Speed does not depend on the values."""
+    rng = np.random.default_rng(seed)
+
+    def value(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
+        shape = tuple(leaf.shape)
+        if len(shape) > 1:
+            array = rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]))
+        else:
+            array = np.full(shape, 0.0 if _leaf_name(path) == "bias" else 1.0)
+        return jnp.asarray(array, DTYPES[dtype])
+
+    return jax.tree_util.tree_map_with_path(value, abstract)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'256' -> (256, 256); '1000x1500' -> (1000, 1500) (height x width)."""
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w or h)
+
+
+def size_label(size: Sequence[int]) -> str:
+    h, w = size
+    return f"{h}²" if h == w else f"{h}×{w}"
+
+
+# ----------------------------------------------------------------------------- output
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """A Markdown table column: the result key, its header and a format for numbers."""
+
+    key: str
+    header: str
+    fmt: str = "{:.2f}"
+
+    def cell(self, row: dict[str, Any]) -> str:
+        value = row.get(self.key)
+        if value is None:
+            return "—"
+        if isinstance(value, float):
+            return self.fmt.format(value)
+        return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    """A Markdown table of `rows`, one column per `Column` (missing values as —)."""
+    lines = [
+        "| " + " | ".join(c.header for c in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    lines += ["| " + " | ".join(c.cell(row) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """One Markdown line naming the machine of a results table."""
+    return (
+        f"Machine: {machine.get('device_kind', '?')} ({machine.get('backend', '?')}), "
+        f"{machine.get('cpu_count', '?')} CPU cores ({machine.get('cpu_model', '?')}), "
+        f"jax {machine.get('jax_version', '?')}."
+    )
+
+
+def write_results(out: Path | None, name: str, payload: dict[str, Any], markdown: str) -> None:
+    """Writes OUT/NAME.json (payload) and OUT/NAME.md (markdown); nothing without `out`."""
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown + "\n")

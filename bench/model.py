@@ -1,0 +1,198 @@
+"""Whole-model inference of every released variant, per image size.
+
+    python bench/model.py [--variants mff mef hdr gdsr gdsr16] [--sizes 256 520 1024]
+        [--hdr-sizes 1000x1500] [--repeats 3] [--dtype float32|bfloat16] [--in-process]
+        [--budget-s S] [--out DIR] [--name model]
+
+One image (batch 1) per call through a jitted forward pass of a randomly initialised model
+(speed does not depend on the weights). Reports compile time (trace, lower, compile), the
+median of `--repeats` calls after one warm-up, and effective GFLOP/s from two FLOP counts per
+output pixel: the release's (PyTorch's FLOP counter: MFF 0.39, MEF 1.99, HDR 3.97, GDSR 0.63
+MFLOP; none published for GDSR x16) and XLA's own count of the compiled program
+(`cost_analysis()`, which also counts elementwise work) -- each also as a share of the
+machine's matmul peak, measured in the same run in the same dtype. Memory: XLA's temporary
+buffers, and the peak RSS (and, on a GPU, the device's peak bytes in use) of a child process
+that runs that configuration alone (with --in-process these peaks are cumulative over the run).
+Sizes run in the order given, each for every variant, so with `--budget-s` the first sizes
+are measured for every variant before the budget runs out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mgdn_jax.model import abstract_model
+from mgdn_jax.variants import VARIANTS, model_config
+
+SCRIPT = Path(__file__).resolve()
+# PyTorch's FLOP count of the release, per output pixel (ARCHITECTURE.md).
+RELEASE_MFLOP_PER_PIXEL = {"mff": 0.39, "mef": 1.99, "hdr": 3.97, "gdsr": 0.63}
+COLUMNS = [
+    common.Column("variant", "variant"),
+    common.Column("size_label", "size"),
+    common.Column("compile_s", "compile s", "{:.1f}"),
+    common.Column("median_s", "s / image", "{:.3f}"),
+    common.Column("release_mflop_px", "release MFLOP/px", "{:.2f}"),
+    common.Column("xla_mflop_px", "XLA MFLOP/px", "{:.2f}"),
+    common.Column("release_gflops", "GFLOP/s (release)", "{:.1f}"),
+    common.Column("xla_gflops", "GFLOP/s (XLA)", "{:.1f}"),
+    common.Column("release_peak_pct", "% peak (release)", "{:.1f}"),
+    common.Column("xla_peak_pct", "% peak (XLA)", "{:.1f}"),
+    common.Column("temp_mb", "XLA temp MB", "{:.0f}"),
+    common.Column("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    common.Column("device_peak_mb", "device peak MB", "{:.0f}"),
+    common.Column("status", "status"),
+]
+
+
+def measure(variant: str, size: Sequence[int], dtype: str, repeats: int) -> dict[str, Any]:
+    """Compiles and times the forward pass of `variant` on one (1, H, W, C_i) input set."""
+    cfg = model_config(variant)
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    params = common.random_params(abstract, dtype)
+    rng = np.random.default_rng(0)
+    images = [
+        jnp.asarray(rng.random((1, *size, c), np.float32), common.DTYPES[dtype])
+        for c in cfg.in_channels
+    ]
+    forward = jax.jit(lambda params, *xs: nnx.merge(graphdef, params)(*xs))
+    compiled, compile_s = common.compile_timed(forward, params, *images)
+    timing = common.timeit(lambda: compiled(params, *images), repeats)
+    return {
+        "compile_s": compile_s,
+        "median_s": timing.median,
+        "times": list(timing.times),
+        "xla_flops": common.compiled_flops(compiled),
+        **common.compiled_memory(compiled),
+        **common.peak_memory(),
+        "status": "ok",
+    }
+
+
+def derived(row: dict[str, Any], matmul_gflops: float | None) -> dict[str, Any]:
+    """FLOP counts per output pixel, effective GFLOP/s and shares of the matmul peak."""
+    pixels = row["size"][0] * row["size"][1]
+    out = {
+        "size_label": common.size_label(row["size"]),
+        "release_mflop_px": RELEASE_MFLOP_PER_PIXEL.get(row["variant"]),
+    }
+    if row.get("xla_flops"):
+        out["xla_mflop_px"] = row["xla_flops"] / pixels / 1e6
+    for count in ("release", "xla"):
+        per_pixel = out.get(f"{count}_mflop_px")
+        if per_pixel and row.get("median_s"):
+            gflops = per_pixel * pixels / 1e3 / row["median_s"]
+            out[f"{count}_gflops"] = gflops
+            if matmul_gflops:
+                out[f"{count}_peak_pct"] = 100 * gflops / matmul_gflops
+    return out
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The results table as Markdown."""
+    settings, peak = payload["settings"], payload["matmul"]
+    isolation = (
+        "cumulative over the whole run (--in-process)"
+        if settings["in_process"]
+        else "of a child process running that configuration alone"
+    )
+    return "\n\n".join(
+        [
+            "### Whole-model inference",
+            common.machine_line(payload["machine"])
+            + f" Batch 1, {settings['dtype']}, median of {settings['repeats']} calls after one "
+            f"warm-up; matmul peak {peak.get('matmul_gflops', float('nan')):.1f} GFLOP/s "
+            f"({peak.get('matmul_size')}² {settings['dtype']} matmul, this run). FLOPs per "
+            "output pixel (H×W of the input): the release's PyTorch count (ARCHITECTURE.md; "
+            "none for GDSR ×16) and XLA's count of the compiled program (`cost_analysis()`, "
+            "elementwise work included). Peak RSS / device peak: " + isolation + ".",
+            common.markdown_table(payload["rows"], COLUMNS),
+        ]
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--sizes", nargs="*", default=["256", "520", "1024"], help="S or HxW")
+    parser.add_argument("--hdr-sizes", nargs="*", default=["1000x1500"], help="HDR only")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=list(common.DTYPES), default="float32")
+    parser.add_argument("--matmul-size", type=int, help="default: 2048 on CPU, 8192 else")
+    parser.add_argument("--in-process", action="store_true", help="no child processes")
+    parser.add_argument("--budget-s", type=float, help="wall-clock limit of the whole run")
+    parser.add_argument("--out", type=Path, help="write NAME.json and NAME.md here")
+    parser.add_argument("--name", default="model", help="file name of the results")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration of `configurations` (or {"matmul": dtype}): the measurement, with
+    this process's `machine_info`."""
+    if "matmul" in spec:
+        result = common.matmul_peak(spec["matmul"], spec.get("size"))
+    else:
+        result = measure(spec["variant"], spec["size"], spec["dtype"], spec["repeats"])
+    return {**result, "machine": common.machine_info()}
+
+
+def configurations(opts: argparse.Namespace) -> list[dict[str, Any]]:
+    """{variant, size (H, W), dtype, repeats} per configuration: sizes in the order given,
+    every variant at each; then HDR's extra sizes."""
+    sizes = [(common.parse_size(s), opts.variants) for s in opts.sizes]
+    if "hdr" in opts.variants:
+        sizes += [(common.parse_size(s), ["hdr"]) for s in opts.hdr_sizes]
+    return [
+        {"variant": v, "size": list(size), "dtype": opts.dtype, "repeats": opts.repeats}
+        for size, variants in sizes
+        for v in variants
+    ]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark; prints and (with --out) writes the table; returns the payload."""
+    opts = parse_args(argv)
+    if opts.child:
+        common.child_result(run_one(json.loads(opts.child)))
+        return {}
+    budget = common.Budget(opts.budget_s)
+    matmul = common.execute(
+        SCRIPT, run_one, {"matmul": opts.dtype, "size": opts.matmul_size}, opts.in_process, budget
+    )
+    payload: dict[str, Any] = {
+        "machine": matmul.pop("machine", {}),
+        "settings": {k: v for k, v in vars(opts).items() if k not in ("out", "name", "child")},
+        "matmul": matmul,
+        "rows": [],
+    }
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    print(common.markdown_table([], COLUMNS), flush=True)
+    for spec in configurations(opts):
+        row = {**spec, **common.execute(SCRIPT, run_one, spec, opts.in_process, budget)}
+        machine = row.pop("machine", {})
+        payload["machine"] = payload["machine"] or machine
+        row.update(derived(row, matmul.get("matmul_gflops")))
+        payload["rows"].append(row)
+        payload["rows"].sort(key=lambda r: (order[r["variant"]], r["size"][0] * r["size"][1]))
+        print(common.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
+        common.write_results(opts.out, opts.name, payload, markdown(payload))
+    text = markdown(payload)
+    print(text)
+    common.write_results(opts.out, opts.name, payload, text)
+    return payload
+
+
+if __name__ == "__main__":
+    common.setup()
+    main()

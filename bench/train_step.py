@@ -1,0 +1,256 @@
+"""One training step of every released variant at its training patch size.
+
+    python bench/train_step.py [--variants mff mef hdr gdsr gdsr16] [--dtypes float32 bfloat16]
+        [--nmi on off] [--remat off on] [--batch 4] [--patch P] [--repeats 5]
+        [--override KEY=VALUE ...] [--in-process] [--budget-s S] [--out DIR] [--name train_step]
+
+The jitted step of `mgdn_jax.train_lib.make_train_step` (forward, task loss, backward, optimizer
+update) on a configuration from `configs/<task>.py` (GDSR x4, and x16 for gdsr16), with random
+parameters (speed does not depend on them) and a random batch with a target (so MFF / MEF
+train with their L1 reference loss). Patch size: the config's `data.patch_size` (128; GDSR 256)
+unless `--patch`; batch: 4 for every variant (the issue's MFF reference, 4 x 128^2; the configs
+train with a global batch of 8) unless `--batch`. `--override` sets any config field, e.g.
+`model.depths=(1,1)`. Every combination of `--dtypes` (compute dtype; parameters stay float32),
+`--nmi` (on: the config's NMI redundancy loss; off: `loss.nmi_lambda=0`, the NMI not computed
+at all) and `--remat` is measured, each in a child process of its own (peak RSS per
+configuration) unless --in-process. Reports compile time, the median of `--repeats` steps
+after one warm-up as s/step, steps/s and images/s, XLA's FLOPs per step, XLA's temporary
+buffers and the peak RSS / device peak. Combinations run in the order given with the variant
+innermost, so that with `--budget-s` the first combination is measured for every variant
+before the budget runs out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import common
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mgdn_jax import train_lib
+from mgdn_jax.variants import VARIANTS
+
+SCRIPT = Path(__file__).resolve()
+CONFIGS = SCRIPT.parents[1] / "configs"
+# variant -> (configs/<file>.py, its get_config argument)
+CONFIG_FILES = {
+    "mff": ("mff", None),
+    "mef": ("mef", None),
+    "hdr": ("hdr", None),
+    "gdsr": ("gdsr", "4"),
+    "gdsr16": ("gdsr", "16"),
+}
+COLUMNS = [
+    common.Column("variant", "variant"),
+    common.Column("shape", "batch × patch"),
+    common.Column("dtype", "compute"),
+    common.Column("nmi", "NMI loss"),
+    common.Column("remat", "remat"),
+    common.Column("compile_s", "compile s", "{:.1f}"),
+    common.Column("s_per_step", "s / step", "{:.3f}"),
+    common.Column("steps_per_s", "steps/s", "{:.2f}"),
+    common.Column("images_per_s", "images/s", "{:.1f}"),
+    common.Column("xla_gflop_step", "XLA GFLOP/step", "{:.1f}"),
+    common.Column("temp_mb", "XLA temp MB", "{:.0f}"),
+    common.Column("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    common.Column("device_peak_mb", "device peak MB", "{:.0f}"),
+    common.Column("status", "status"),
+]
+
+
+def load_config(variant: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """`configs/<task>.py`'s config for `variant`, with KEY=VALUE overrides (Python literals)."""
+    name, arg = CONFIG_FILES[variant]
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    for override in overrides:
+        key, _, value = override.partition("=")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass  # a plain string
+        config.update_from_flattened_dict({key: value})
+    return config
+
+
+def initial_state(
+    config: ml_collections.ConfigDict, tx: Any, mesh: jax.sharding.Mesh
+) -> tuple[Any, train_lib.TrainState]:
+    """(graphdef, a replicated train state) with random parameters and every other leaf
+    (step, optimizer moments, RNG) zero, built on the host: compiling the model's own
+    initialisers takes minutes on a CPU."""
+    graphdef, initial = train_lib.init_state(config, tx)
+    abstract = jax.eval_shape(initial)
+    state = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), abstract)
+    state["params"] = common.random_params(abstract["params"])
+    return graphdef, jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def random_batch(config: ml_collections.ConfigDict, batch: int, patch: int) -> dict[str, Any]:
+    """{"inputs": (B, P, P, C_i) per input, "target": (B, P, P, out)} in [0, 1], on the host."""
+    rng = np.random.default_rng(0)
+    model = config.model
+    return {
+        "inputs": tuple(
+            rng.random((batch, patch, patch, c), np.float32) for c in model.in_channels
+        ),
+        "target": rng.random((batch, patch, patch, model.out_channels), np.float32),
+    }
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Compiles and times the train step of one configuration (see `configurations`)."""
+    config = load_config(spec["variant"], spec["overrides"])
+    config.compute_dtype = spec["dtype"]
+    config.remat = spec["remat"] == "on"
+    if spec["nmi"] == "off":
+        config.loss.nmi_lambda = 0.0
+    mesh = train_lib.create_mesh(config.mesh)
+    tx, schedule = train_lib.create_optimizer(config.optimizer, config.total_steps)
+    graphdef, state = initial_state(config, tx, mesh)
+    batch = train_lib.device_batch(random_batch(config, spec["batch"], spec["patch"]), mesh)
+    step = train_lib.make_train_step(config, graphdef, tx, schedule, mesh)
+    compiled, compile_s = common.compile_timed(step, state, batch)
+    memory = common.compiled_memory(compiled)  # before the state is donated
+    flops = common.compiled_flops(compiled)
+    carry = {"state": state}
+
+    def one_step() -> tuple[train_lib.TrainState, dict[str, jax.Array]]:
+        carry["state"], metrics = compiled(carry["state"], batch)
+        return carry["state"], metrics
+
+    timing = common.timeit(one_step, spec["repeats"])
+    _, metrics = one_step()
+    return {
+        "compile_s": compile_s,
+        "s_per_step": timing.median,
+        "times": list(timing.times),
+        "loss": float(metrics["loss"]),
+        "xla_gflop_step": flops / 1e9,
+        **memory,
+        **common.peak_memory(),
+        "status": "ok",
+    }
+
+
+def derived(row: dict[str, Any]) -> dict[str, Any]:
+    """Steps/s, images/s and the batch x patch label."""
+    out = {"shape": f"{row['batch']} × {row['patch']}²"}
+    if row.get("s_per_step"):
+        out["steps_per_s"] = 1 / row["s_per_step"]
+        out["images_per_s"] = row["batch"] / row["s_per_step"]
+    return out
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    """The results table as Markdown."""
+    settings = payload["settings"]
+    isolation = (
+        "cumulative over the whole run (--in-process)"
+        if settings["in_process"]
+        else "of a child process running that configuration alone"
+    )
+    overrides = ", ".join(settings["override"]) or "none"
+    return "\n\n".join(
+        [
+            "### Training step",
+            common.machine_line(payload["machine"])
+            + f" `make_train_step` (forward, loss, backward, AdamW update), median of "
+            f"{settings['repeats']} steps after one warm-up; images/s = batch / (s / step). "
+            "Compute dtype as listed, parameters float32. NMI loss off = `loss.nmi_lambda=0` "
+            "(not computed). XLA GFLOP/step: `cost_analysis()` of the compiled step. Peak RSS "
+            f"/ device peak: {isolation}. Config overrides: {overrides}.",
+            common.markdown_table(payload["rows"], COLUMNS),
+        ]
+    )
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=list(common.DTYPES), default=list(common.DTYPES)
+    )
+    parser.add_argument("--nmi", nargs="+", choices=["on", "off"], default=["on", "off"])
+    parser.add_argument("--remat", nargs="+", choices=["off", "on"], default=["off", "on"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--patch", type=int, help="default: the config's data.patch_size")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--override", nargs="*", default=[], help="config KEY=VALUE")
+    parser.add_argument("--in-process", action="store_true", help="no child processes")
+    parser.add_argument("--budget-s", type=float, help="wall-clock limit of the whole run")
+    parser.add_argument("--out", type=Path, help="write NAME.json and NAME.md here")
+    parser.add_argument("--name", default="train_step", help="file name of the results")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def configurations(opts: argparse.Namespace) -> list[dict[str, Any]]:
+    """One spec per (dtype, nmi, remat, variant), in that nesting order; the patch size is
+    --patch or the variant's config's."""
+    patches = {
+        v: opts.patch or load_config(v, opts.override).data.patch_size for v in opts.variants
+    }
+    return [
+        {
+            "variant": v,
+            "dtype": d,
+            "nmi": n,
+            "remat": r,
+            "batch": opts.batch,
+            "patch": patches[v],
+            "repeats": opts.repeats,
+            "overrides": list(opts.override),
+        }
+        for d, n, r, v in itertools.product(opts.dtypes, opts.nmi, opts.remat, opts.variants)
+    ]
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """The measurement of one configuration, with this process's `machine_info`."""
+    return {**measure(spec), "machine": common.machine_info()}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark; prints and (with --out) writes the table; returns the payload."""
+    opts = parse_args(argv)
+    if opts.child:
+        common.child_result(run_one(json.loads(opts.child)))
+        return {}
+    budget = common.Budget(opts.budget_s)
+    payload: dict[str, Any] = {
+        "machine": {},
+        "settings": {k: v for k, v in vars(opts).items() if k not in ("out", "name", "child")},
+        "rows": [],
+    }
+    print(common.markdown_table([], COLUMNS), flush=True)
+    for spec in configurations(opts):
+        row = {**spec, **common.execute(SCRIPT, run_one, spec, opts.in_process, budget)}
+        machine = row.pop("machine", {})
+        payload["machine"] = payload["machine"] or machine
+        row.update(derived(row))
+        payload["rows"].append(row)
+        print(common.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
+        common.write_results(opts.out, opts.name, payload, markdown(payload))
+    text = markdown(payload)
+    print(text)
+    common.write_results(opts.out, opts.name, payload, text)
+    return payload
+
+
+if __name__ == "__main__":
+    common.setup()
+    main()

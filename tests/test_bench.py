@@ -1,0 +1,190 @@
+"""The benchmark scripts at their smallest settings, and every filter formulation against the
+unfold reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mgdn_jax.dynamic_filter import FORMULATIONS, default_formulation, dynamic_filter_unfold
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """A loader of bench/NAME.py as the module bench_NAME (with bench/ on sys.path for the
+    scripts' `import common`)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCH))
+
+        def load(name: str) -> ModuleType:
+            spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            patch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+            spec.loader.exec_module(module)
+            return module
+
+        yield load
+
+
+def random_inputs(shape, k, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(shape), rng.standard_normal((*shape[:3], k * k))
+
+
+@pytest.mark.parametrize("name", FORMULATIONS)
+def test_formulation_matches_unfold(name):
+    """Forward on a 7x7 window, and the gradients of x and taps on a 3x3 one (whose
+    gradients compile much faster), in float64."""
+    fn = FORMULATIONS[name]
+    with jax.enable_x64(True):
+        x, taps = random_inputs((2, 9, 10, 6), 7)
+        np.testing.assert_allclose(
+            fn(x, taps), dynamic_filter_unfold(x, taps), rtol=1e-12, atol=1e-12
+        )
+        x, taps = random_inputs((1, 5, 6, 4), 3, seed=1)
+        weights = np.random.default_rng(2).standard_normal(x.shape)
+
+        def grads(f):
+            def loss(a, b):
+                return jnp.sum(f(a, b, kernel_size=3) * weights)
+
+            return jax.grad(loss, argnums=(0, 1))(x, taps)
+
+        for ours, reference in zip(grads(fn), grads(dynamic_filter_unfold)):
+            np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu", "other"])
+def test_default_formulation_is_registered(backend):
+    assert default_formulation(backend) in FORMULATIONS
+
+
+def read_json(path: Path) -> dict:
+    payload = json.loads(path.read_text())
+    assert payload["machine"]["backend"] == jax.default_backend()
+    assert path.with_suffix(".md").read_text().startswith("### ")
+    return payload
+
+
+def positive(row: dict, *keys: str) -> None:
+    for key in keys:
+        assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+
+
+def test_filter_bench(bench, tmp_path):
+    filter_bench = bench("filter")
+    args = ["--sizes", "16", "--widths", "6", "--kernel-size", "3", "--repeats", "1"]
+    filter_bench.main([*args, "--out", str(tmp_path)])
+    payload = read_json(tmp_path / "filter.json")
+    rows = payload["rows"]
+    assert {(r["mode"], r["formulation"]) for r in rows} == {
+        (mode, name) for mode in ("forward", "backward") for name in FORMULATIONS
+    }
+    for row in rows:
+        assert row["status"] == "ok"
+        positive(row, "median_s", "gflops", "compile_s")
+        assert row["temp_mb"] >= 0
+    assert len(payload["summary"]) == 2
+    assert all(s["best_other"] != payload["default"] for s in payload["summary"])
+    skipped = filter_bench.main(
+        [*args, "--formulations", "unfold", "--modes", "forward", "--max-gb", "0"]
+    )
+    assert [r["status"] for r in skipped["rows"]] == ["skipped (memory)"]
+
+
+def test_filter_time_prediction(bench):
+    filter_bench = bench("filter")
+    rows = [
+        {"formulation": "loop", "mode": "forward", "width": 30, "size": 64, "median_s": 1.0},
+        {"formulation": "loop", "mode": "forward", "width": 30, "size": 128, "median_s": 2.0},
+        {"formulation": "loop", "mode": "forward", "width": 60, "size": 256, "median_s": 9.0},
+    ]
+    assert filter_bench.predicted_seconds(rows, ("loop", "forward", 30), 256) == 8.0
+    assert filter_bench.predicted_seconds(rows, ("shifted", "forward", 30), 256) == 0.0
+
+
+def test_model_bench(bench, tmp_path):
+    model_bench = bench("model")
+    model_bench.main(
+        [
+            *("--variants", "mff", "--sizes", "32", "--hdr-sizes", "--repeats", "1"),
+            *("--matmul-size", "256", "--in-process", "--out", str(tmp_path)),
+        ]
+    )
+    payload = read_json(tmp_path / "model.json")
+    positive(payload["matmul"], "matmul_gflops")
+    (row,) = payload["rows"]
+    assert (row["variant"], row["size"], row["status"]) == ("mff", [32, 32], "ok")
+    positive(row, "compile_s", "median_s", "xla_mflop_px", "release_gflops", "xla_gflops")
+    positive(row, "release_peak_pct", "xla_peak_pct", "temp_mb", "peak_rss_mb")
+    assert row["release_mflop_px"] == 0.39
+
+
+def test_model_bench_child_process(bench, tmp_path):
+    """The default isolation: here only the matmul peak runs, in a child process."""
+    payload = bench("model").main(["--variants", "--matmul-size", "128"])
+    assert payload["machine"]["backend"] == jax.default_backend()
+    positive(payload["matmul"], "matmul_gflops")
+    assert payload["rows"] == []
+
+
+def test_model_bench_configurations(bench):
+    model_bench = bench("model")
+    opts = model_bench.parse_args(["--variants", "mff", "hdr", "--sizes", "256", "64x96"])
+    assert [(c["variant"], c["size"]) for c in model_bench.configurations(opts)] == [
+        ("mff", [256, 256]),
+        ("hdr", [256, 256]),
+        ("mff", [64, 96]),
+        ("hdr", [64, 96]),
+        ("hdr", [1000, 1500]),
+    ]
+
+
+def test_train_step_bench(bench, tmp_path):
+    bench("train_step").main(
+        [
+            *("--variants", "mff", "--dtypes", "float32", "--nmi", "off", "--remat", "off"),
+            *("--batch", "1", "--patch", "16", "--repeats", "1", "--in-process"),
+            *("--override", "model.embed_dim=12", "model.depths=(1,1)", "--out", str(tmp_path)),
+        ]
+    )
+    payload = read_json(tmp_path / "train_step.json")
+    (row,) = payload["rows"]
+    assert (row["variant"], row["batch"], row["patch"], row["status"]) == ("mff", 1, 16, "ok")
+    positive(row, "compile_s", "s_per_step", "steps_per_s", "images_per_s", "xla_gflop_step")
+    positive(row, "loss", "temp_mb", "peak_rss_mb")
+
+
+def test_train_step_configurations(bench):
+    train_bench = bench("train_step")
+    config = train_bench.load_config("gdsr16", ["model.depths=(1,1)", "data.patch_size=64"])
+    assert (config.model.embed_dim, config.model.depths, config.data.scale) == (60, (1, 1), 16)
+    opts = train_bench.parse_args(["--variants", "mff", "gdsr", "--nmi", "off"])
+    specs = train_bench.configurations(opts)
+    assert len(specs) == 2 * 2 * 2
+    assert [(s["variant"], s["patch"]) for s in specs[:2]] == [("mff", 128), ("gdsr", 256)]
+    assert {s["batch"] for s in specs} == {4}
+
+
+def test_random_params_and_sizes(bench):
+    common = bench("common")
+    abstract = {"conv": {"kernel": jax.ShapeDtypeStruct((3, 3, 4, 8), jnp.float32)}}
+    abstract["conv"]["bias"] = jax.ShapeDtypeStruct((8,), jnp.float32)
+    abstract["norm"] = {"scale": jax.ShapeDtypeStruct((8,), jnp.float32)}
+    params = common.random_params(abstract, "bfloat16")
+    assert params["conv"]["kernel"].dtype == jnp.bfloat16
+    assert 0.05 < float(jnp.std(params["conv"]["kernel"].astype(jnp.float32))) < 0.4
+    assert not params["conv"]["bias"].any() and params["norm"]["scale"].all()
+    assert common.parse_size("1000x1500") == (1000, 1500)
+    assert common.parse_size("256") == (256, 256)
