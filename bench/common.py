@@ -284,3 +284,28 @@ def write_results(out: Path | None, name: str, payload: dict[str, Any], markdown
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown + "\n")
+
+
+def report_row(
+    row: dict[str, Any],
+    columns: Sequence[Column],
+    out: Path | None,
+    name: str,
+    payload: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+) -> None:
+    """Prints one finished row as a Markdown table line and rewrites the results so far."""
+    print(markdown_table([row], columns).splitlines()[-1], flush=True)
+    write_results(out, name, payload, markdown(payload))
+
+
+def report_final(
+    out: Path | None,
+    name: str,
+    payload: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+) -> None:
+    """Prints the full Markdown report and writes the final results."""
+    text = markdown(payload)
+    print(text)
+    write_results(out, name, payload, text)

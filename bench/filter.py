@@ -219,12 +219,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             row["label"] = f"{name} (default)" if name == default else name
             rows.append(row)
             rows.sort(key=lambda r: (MODES.index(r["mode"]), r["width"], r["size"]))
-            print(common.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
-            common.write_results(opts.out, opts.name, payload, markdown(payload))
+            common.report_row(row, COLUMNS, opts.out, opts.name, payload, markdown)
     payload["summary"] = summary(rows, default)
-    text = markdown(payload)
-    print(text)
-    common.write_results(opts.out, opts.name, payload, text)
+    common.report_final(opts.out, opts.name, payload, markdown)
     return payload
 
 

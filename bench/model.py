@@ -185,11 +185,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         row.update(derived(row, matmul.get("matmul_gflops")))
         payload["rows"].append(row)
         payload["rows"].sort(key=lambda r: (order[r["variant"]], r["size"][0] * r["size"][1]))
-        print(common.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
-        common.write_results(opts.out, opts.name, payload, markdown(payload))
-    text = markdown(payload)
-    print(text)
-    common.write_results(opts.out, opts.name, payload, text)
+        common.report_row(row, COLUMNS, opts.out, opts.name, payload, markdown)
+    common.report_final(opts.out, opts.name, payload, markdown)
     return payload
 
 

@@ -243,11 +243,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         payload["machine"] = payload["machine"] or machine
         row.update(derived(row))
         payload["rows"].append(row)
-        print(common.markdown_table([row], COLUMNS).splitlines()[-1], flush=True)
-        common.write_results(opts.out, opts.name, payload, markdown(payload))
-    text = markdown(payload)
-    print(text)
-    common.write_results(opts.out, opts.name, payload, text)
+        common.report_row(row, COLUMNS, opts.out, opts.name, payload, markdown)
+    common.report_final(opts.out, opts.name, payload, markdown)
     return payload
 
 
