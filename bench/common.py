@@ -28,6 +28,9 @@ from mgdn_jax import runtime
 
 CHILD_PREFIX = "BENCH-RESULT "
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# PyTorch's FLOP count of the release's forward pass, MFLOP per output pixel (ARCHITECTURE.md;
+# none published for GDSR x16).
+RELEASE_MFLOP_PER_PIXEL = {"mff": 0.39, "mef": 1.99, "hdr": 3.97, "gdsr": 0.63}
 # Square size of the matmul whose FLOP/s is the machine's peak, per backend.
 MATMUL_SIZE = {"cpu": 2048}
 DEFAULT_MATMUL_SIZE = 8192
@@ -135,15 +138,65 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def matmul_peak(dtype: str = "float32", size: int | None = None, repeats: int = 5) -> dict:
-    """FLOP/s of one large square (size x size) @ (size x size) matmul in `dtype` on the default
-    backend, at the default matmul precision: {"matmul_size", "matmul_gflops"}."""
+# Matmul peaks by label: (dtype, precision). "float32" and "bfloat16" run at JAX's default
+# precision, as the model does (on NVIDIA GPUs since Ampere, float32 matmuls and convolutions
+# then use TF32); "float32-highest" is full float32 arithmetic.
+PEAKS = {
+    "float32": ("float32", None),
+    "float32-highest": ("float32", "highest"),
+    "bfloat16": ("bfloat16", None),
+}
+
+
+def peak_labels(dtypes: Sequence[str]) -> list[str]:
+    """The peaks to measure for compute `dtypes`: each at the default precision and, off CPU
+    (where the default already is full float32), float32 at the highest precision too."""
+    labels = list(dict.fromkeys(dtypes))
+    if jax.default_backend() != "cpu":
+        labels.append("float32-highest")
+    return labels
+
+
+def matmul_peaks(dtypes: Sequence[str], size: int | None = None, repeats: int = 5) -> dict:
+    """FLOP/s of one large square (size x size) @ (size x size) matmul per `peak_labels(dtypes)`
+    on the default backend: {"matmul_size": n, "matmul_gflops": {label: GFLOP/s}}."""
     n = size or MATMUL_SIZE.get(jax.default_backend(), DEFAULT_MATMUL_SIZE)
     rng = np.random.default_rng(0)
-    a, b = (jnp.asarray(rng.standard_normal((n, n), np.float32), DTYPES[dtype]) for _ in "ab")
-    matmul = jax.jit(jnp.matmul)
-    timing = timeit(lambda: matmul(a, b), repeats)
-    return {"matmul_size": n, "matmul_gflops": 2 * n**3 / timing.median / 1e9}
+    host = [rng.standard_normal((n, n), np.float32) for _ in "ab"]
+    gflops = {}
+    for label in peak_labels(dtypes):
+        dtype, precision = PEAKS[label]
+        a, b = (jnp.asarray(x, DTYPES[dtype]) for x in host)
+        matmul = jax.jit(lambda a, b, p=precision: jnp.matmul(a, b, precision=p))
+        gflops[label] = 2 * n**3 / timeit(lambda: matmul(a, b), repeats).median / 1e9
+    return {"matmul_size": n, "matmul_gflops": gflops}
+
+
+def peak_shares(gflops: float, dtype: str, peaks: dict[str, float]) -> dict[str, float]:
+    """`gflops` as a percentage of the same dtype's matmul peak ("peak_pct") and, where measured,
+    of the full-float32 peak ("fp32_peak_pct")."""
+    shares = {}
+    if peaks.get(dtype):
+        shares["peak_pct"] = 100 * gflops / peaks[dtype]
+    if peaks.get("float32-highest"):
+        shares["fp32_peak_pct"] = 100 * gflops / peaks["float32-highest"]
+    return shares
+
+
+def peaks_line(matmul: dict[str, Any]) -> str:
+    """'matmul peaks (N² matmul, this run): float32 X, bfloat16 Y GFLOP/s' for a report."""
+    peaks = ", ".join(f"{k} {v:.1f}" for k, v in matmul.get("matmul_gflops", {}).items())
+    return f"matmul peaks ({matmul.get('matmul_size')}² matmul, this run): {peaks or '—'} GFLOP/s"
+
+
+def run_spec(spec: dict[str, Any], measure: Callable[[dict[str, Any]], dict]) -> dict[str, Any]:
+    """A child's work: the matmul peaks for spec {"matmul": dtypes, "size": n}, else
+    `measure(spec)`; with this process's `machine_info`."""
+    if "matmul" in spec:
+        result = matmul_peaks(spec["matmul"], spec.get("size"))
+    else:
+        result = measure(spec)
+    return {**result, "machine": machine_info()}
 
 
 # ----------------------------------------------------------------------------- child processes

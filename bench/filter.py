@@ -219,8 +219,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             row["label"] = f"{name} (default)" if name == default else name
             rows.append(row)
             rows.sort(key=lambda r: (MODES.index(r["mode"]), r["width"], r["size"]))
+            payload["summary"] = summary(rows, default)
             common.report_row(row, COLUMNS, opts.out, opts.name, payload, markdown)
-    payload["summary"] = summary(rows, default)
     common.report_final(opts.out, opts.name, payload, markdown)
     return payload
 

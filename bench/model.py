@@ -1,7 +1,7 @@
 """Whole-model inference of every released variant, per image size.
 
     python bench/model.py [--variants mff mef hdr gdsr gdsr16] [--sizes 256 520 1024]
-        [--hdr-sizes 1000x1500] [--repeats 3] [--dtype float32|bfloat16] [--in-process]
+        [--hdr-sizes 1000x1500] [--repeats 3] [--dtypes float32 bfloat16] [--in-process]
         [--budget-s S] [--out DIR] [--name model]
 
 One image (batch 1) per call through a jitted forward pass of a randomly initialised model
@@ -9,12 +9,15 @@ One image (batch 1) per call through a jitted forward pass of a randomly initial
 median of `--repeats` calls after one warm-up, and effective GFLOP/s from two FLOP counts per
 output pixel: the release's (PyTorch's FLOP counter: MFF 0.39, MEF 1.99, HDR 3.97, GDSR 0.63
 MFLOP; none published for GDSR x16) and XLA's own count of the compiled program
-(`cost_analysis()`, which also counts elementwise work) -- each also as a share of the
-machine's matmul peak, measured in the same run in the same dtype. Memory: XLA's temporary
+(`cost_analysis()`, which also counts elementwise work, but on GPUs not the convolutions
+that run as cuDNN custom calls) -- each also as a share of the
+machine's matmul peak, measured in the same run in the same dtype at the default precision
+(TF32 for float32 on recent NVIDIA GPUs), and off CPU XLA's count also as a share of the
+full-float32 peak. Memory: XLA's temporary
 buffers, and the peak RSS (and, on a GPU, the device's peak bytes in use) of a child process
 that runs that configuration alone (with --in-process these peaks are cumulative over the run).
-Sizes run in the order given, each for every variant, so with `--budget-s` the first sizes
-are measured for every variant before the budget runs out.
+Sizes run in the order given, each for every variant and dtype, so with `--budget-s` the
+first sizes are measured for every variant before the budget runs out.
 """
 
 from __future__ import annotations
@@ -35,11 +38,10 @@ from mgdn_jax.model import abstract_model
 from mgdn_jax.variants import VARIANTS, model_config
 
 SCRIPT = Path(__file__).resolve()
-# PyTorch's FLOP count of the release, per output pixel (ARCHITECTURE.md).
-RELEASE_MFLOP_PER_PIXEL = {"mff": 0.39, "mef": 1.99, "hdr": 3.97, "gdsr": 0.63}
 COLUMNS = [
     common.Column("variant", "variant"),
     common.Column("size_label", "size"),
+    common.Column("dtype", "dtype"),
     common.Column("compile_s", "compile s", "{:.1f}"),
     common.Column("median_s", "s / image", "{:.3f}"),
     common.Column("release_mflop_px", "release MFLOP/px", "{:.2f}"),
@@ -48,6 +50,7 @@ COLUMNS = [
     common.Column("xla_gflops", "GFLOP/s (XLA)", "{:.1f}"),
     common.Column("release_peak_pct", "% peak (release)", "{:.1f}"),
     common.Column("xla_peak_pct", "% peak (XLA)", "{:.1f}"),
+    common.Column("xla_fp32_peak_pct", "% fp32 peak (XLA)", "{:.1f}"),
     common.Column("temp_mb", "XLA temp MB", "{:.0f}"),
     common.Column("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     common.Column("device_peak_mb", "device peak MB", "{:.0f}"),
@@ -55,8 +58,10 @@ COLUMNS = [
 ]
 
 
-def measure(variant: str, size: Sequence[int], dtype: str, repeats: int) -> dict[str, Any]:
-    """Compiles and times the forward pass of `variant` on one (1, H, W, C_i) input set."""
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Compiles and times the forward pass of spec's variant on one (1, H, W, C_i) input set
+    of its size and dtype."""
+    variant, size, dtype = spec["variant"], spec["size"], spec["dtype"]
     cfg = model_config(variant)
     graphdef, abstract = nnx.split(abstract_model(cfg))
     params = common.random_params(abstract, dtype)
@@ -67,7 +72,7 @@ def measure(variant: str, size: Sequence[int], dtype: str, repeats: int) -> dict
     ]
     forward = jax.jit(lambda params, *xs: nnx.merge(graphdef, params)(*xs))
     compiled, compile_s = common.compile_timed(forward, params, *images)
-    timing = common.timeit(lambda: compiled(params, *images), repeats)
+    timing = common.timeit(lambda: compiled(params, *images), spec["repeats"])
     return {
         "compile_s": compile_s,
         "median_s": timing.median,
@@ -79,12 +84,12 @@ def measure(variant: str, size: Sequence[int], dtype: str, repeats: int) -> dict
     }
 
 
-def derived(row: dict[str, Any], matmul_gflops: float | None) -> dict[str, Any]:
-    """FLOP counts per output pixel, effective GFLOP/s and shares of the matmul peak."""
+def derived(row: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
+    """FLOP counts per output pixel, effective GFLOP/s and shares of the matmul peaks."""
     pixels = row["size"][0] * row["size"][1]
     out = {
         "size_label": common.size_label(row["size"]),
-        "release_mflop_px": RELEASE_MFLOP_PER_PIXEL.get(row["variant"]),
+        "release_mflop_px": common.RELEASE_MFLOP_PER_PIXEL.get(row["variant"]),
     }
     if row.get("xla_flops"):
         out["xla_mflop_px"] = row["xla_flops"] / pixels / 1e6
@@ -93,8 +98,9 @@ def derived(row: dict[str, Any], matmul_gflops: float | None) -> dict[str, Any]:
         if per_pixel and row.get("median_s"):
             gflops = per_pixel * pixels / 1e3 / row["median_s"]
             out[f"{count}_gflops"] = gflops
-            if matmul_gflops:
-                out[f"{count}_peak_pct"] = 100 * gflops / matmul_gflops
+            shares = common.peak_shares(gflops, row["dtype"], peaks)
+            out.update({f"{count}_{key}": value for key, value in shares.items()})
+    out.pop("release_fp32_peak_pct", None)
     return out
 
 
@@ -110,9 +116,10 @@ def markdown(payload: dict[str, Any]) -> str:
         [
             "### Whole-model inference",
             common.machine_line(payload["machine"])
-            + f" Batch 1, {settings['dtype']}, median of {settings['repeats']} calls after one "
-            f"warm-up; matmul peak {peak.get('matmul_gflops', float('nan')):.1f} GFLOP/s "
-            f"({peak.get('matmul_size')}² {settings['dtype']} matmul, this run). FLOPs per "
+            + f" Batch 1, median of {settings['repeats']} calls after one warm-up; "
+            + common.peaks_line(peak)
+            + " (% peak: against the row's dtype at the default precision; % fp32 peak: "
+            "against float32 at the highest precision). FLOPs per "
             "output pixel (H×W of the input): the release's PyTorch count (ARCHITECTURE.md; "
             "none for GDSR ×16) and XLA's count of the compiled program (`cost_analysis()`, "
             "elementwise work included). Peak RSS / device peak: " + isolation + ".",
@@ -127,7 +134,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", nargs="*", default=["256", "520", "1024"], help="S or HxW")
     parser.add_argument("--hdr-sizes", nargs="*", default=["1000x1500"], help="HDR only")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", choices=list(common.DTYPES), default="float32")
+    parser.add_argument("--dtypes", nargs="+", choices=list(common.DTYPES), default=["float32"])
     parser.add_argument("--matmul-size", type=int, help="default: 2048 on CPU, 8192 else")
     parser.add_argument("--in-process", action="store_true", help="no child processes")
     parser.add_argument("--budget-s", type=float, help="wall-clock limit of the whole run")
@@ -138,25 +145,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One configuration of `configurations` (or {"matmul": dtype}): the measurement, with
-    this process's `machine_info`."""
-    if "matmul" in spec:
-        result = common.matmul_peak(spec["matmul"], spec.get("size"))
-    else:
-        result = measure(spec["variant"], spec["size"], spec["dtype"], spec["repeats"])
-    return {**result, "machine": common.machine_info()}
+    """One configuration of `configurations`, or the matmul peaks (`common.run_spec`)."""
+    return common.run_spec(spec, measure)
 
 
 def configurations(opts: argparse.Namespace) -> list[dict[str, Any]]:
     """{variant, size (H, W), dtype, repeats} per configuration: sizes in the order given,
-    every variant at each; then HDR's extra sizes."""
+    every variant and dtype at each; then HDR's extra sizes."""
     sizes = [(common.parse_size(s), opts.variants) for s in opts.sizes]
     if "hdr" in opts.variants:
         sizes += [(common.parse_size(s), ["hdr"]) for s in opts.hdr_sizes]
     return [
-        {"variant": v, "size": list(size), "dtype": opts.dtype, "repeats": opts.repeats}
+        {"variant": v, "size": list(size), "dtype": d, "repeats": opts.repeats}
         for size, variants in sizes
         for v in variants
+        for d in opts.dtypes
     ]
 
 
@@ -167,9 +170,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         common.child_result(run_one(json.loads(opts.child)))
         return {}
     budget = common.Budget(opts.budget_s)
-    matmul = common.execute(
-        SCRIPT, run_one, {"matmul": opts.dtype, "size": opts.matmul_size}, opts.in_process, budget
-    )
+    peaks_spec = {"matmul": opts.dtypes, "size": opts.matmul_size}
+    matmul = common.execute(SCRIPT, run_one, peaks_spec, opts.in_process, budget)
     payload: dict[str, Any] = {
         "machine": matmul.pop("machine", {}),
         "settings": {k: v for k, v in vars(opts).items() if k not in ("out", "name", "child")},
@@ -182,9 +184,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         row = {**spec, **common.execute(SCRIPT, run_one, spec, opts.in_process, budget)}
         machine = row.pop("machine", {})
         payload["machine"] = payload["machine"] or machine
-        row.update(derived(row, matmul.get("matmul_gflops")))
+        row.update(derived(row, matmul.get("matmul_gflops", {})))
         payload["rows"].append(row)
-        payload["rows"].sort(key=lambda r: (order[r["variant"]], r["size"][0] * r["size"][1]))
+        payload["rows"].sort(
+            key=lambda r: (
+                order[r["variant"]],
+                r["size"][0] * r["size"][1],
+                r["dtype"] != "float32",
+            )
+        )
         common.report_row(row, COLUMNS, opts.out, opts.name, payload, markdown)
     common.report_final(opts.out, opts.name, payload, markdown)
     return payload

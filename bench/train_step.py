@@ -2,7 +2,8 @@
 
     python bench/train_step.py [--variants mff mef hdr gdsr gdsr16] [--dtypes float32 bfloat16]
         [--nmi on off] [--remat off on] [--batch 4] [--patch P] [--repeats 5]
-        [--override KEY=VALUE ...] [--in-process] [--budget-s S] [--out DIR] [--name train_step]
+        [--override KEY=VALUE ...] [--matmul-size N] [--in-process] [--budget-s S] [--out DIR]
+        [--name train_step]
 
 The jitted step of `mgdn_jax.train_lib.make_train_step` (forward, task loss, backward, optimizer
 update) on a configuration from `configs/<task>.py` (GDSR x4, and x16 for gdsr16), with random
@@ -15,9 +16,10 @@ train with a global batch of 8) unless `--batch`. `--override` sets any config f
 at all) and `--remat` is measured, each in a child process of its own (peak RSS per
 configuration) unless --in-process. Reports compile time, the median of `--repeats` steps
 after one warm-up as s/step, steps/s and images/s, XLA's FLOPs per step, XLA's temporary
-buffers and the peak RSS / device peak. Combinations run in the order given with the variant
-innermost, so that with `--budget-s` the first combination is measured for every variant
-before the budget runs out.
+buffers, XLA's FLOPs per second as a share of the matmul peak in the same dtype (measured in
+the same run; off CPU also of the full-float32 peak) and the peak RSS / device peak.
+Combinations run in the order given with the variant innermost, so that with `--budget-s` the
+first combination is measured for every variant before the budget runs out.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ COLUMNS = [
     common.Column("images_per_s", "images/s", "{:.1f}"),
     common.Column("xla_gflop_step", "XLA GFLOP/step", "{:.1f}"),
     common.Column("temp_mb", "XLA temp MB", "{:.0f}"),
+    common.Column("xla_gflops", "GFLOP/s (XLA)", "{:.1f}"),
+    common.Column("release_gflops", "GFLOP/s (3× release fwd)", "{:.1f}"),
+    common.Column("peak_pct", "% peak", "{:.1f}"),
+    common.Column("fp32_peak_pct", "% fp32 peak", "{:.1f}"),
     common.Column("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     common.Column("device_peak_mb", "device peak MB", "{:.0f}"),
     common.Column("status", "status"),
@@ -146,12 +152,23 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def derived(row: dict[str, Any]) -> dict[str, Any]:
-    """Steps/s, images/s and the batch x patch label."""
+def derived(row: dict[str, Any], peaks: dict[str, float]) -> dict[str, Any]:
+    """Steps/s, images/s, GFLOP/s and its shares of the matmul peaks, and the batch x patch
+    label. GFLOP/s counts the larger of XLA's FLOPs and three times the release's forward FLOPs
+    (forward + backward ~ 3 forward passes; not with `model.*` overrides): XLA's cost analysis
+    leaves out the convolutions that run as cuDNN custom calls on GPUs."""
     out = {"shape": f"{row['batch']} × {row['patch']}²"}
     if row.get("s_per_step"):
-        out["steps_per_s"] = 1 / row["s_per_step"]
-        out["images_per_s"] = row["batch"] / row["s_per_step"]
+        seconds = row["s_per_step"]
+        out["steps_per_s"] = 1 / seconds
+        out["images_per_s"] = row["batch"] / seconds
+        out["xla_gflops"] = row["xla_gflop_step"] / seconds
+        gflops = out["xla_gflops"]
+        per_pixel = common.RELEASE_MFLOP_PER_PIXEL.get(row["variant"])
+        if per_pixel and not any(o.startswith("model.") for o in row["overrides"]):
+            out["release_gflops"] = 3 * per_pixel * row["batch"] * row["patch"] ** 2 / 1e3 / seconds
+            gflops = max(gflops, out["release_gflops"])
+        out.update(common.peak_shares(gflops, row["dtype"], peaks))
     return out
 
 
@@ -171,8 +188,13 @@ def markdown(payload: dict[str, Any]) -> str:
             + f" `make_train_step` (forward, loss, backward, AdamW update), median of "
             f"{settings['repeats']} steps after one warm-up; images/s = batch / (s / step). "
             "Compute dtype as listed, parameters float32. NMI loss off = `loss.nmi_lambda=0` "
-            "(not computed). XLA GFLOP/step: `cost_analysis()` of the compiled step. Peak RSS "
-            f"/ device peak: {isolation}. Config overrides: {overrides}.",
+            "(not computed). XLA GFLOP/step: `cost_analysis()` of the compiled step (on GPUs "
+            "without the cuDNN convolutions); 3× release fwd: three times the release's forward "
+            "FLOPs (ARCHITECTURE.md); shares of the peaks use the larger of the two; "
+            + common.peaks_line(payload["matmul"])
+            + " (% peak: against the row's dtype at the default precision; % fp32 peak: "
+            f"against float32 at the highest precision). Peak RSS / device peak: {isolation}. "
+            f"Config overrides: {overrides}.",
             common.markdown_table(payload["rows"], COLUMNS),
         ]
     )
@@ -190,6 +212,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--patch", type=int, help="default: the config's data.patch_size")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--override", nargs="*", default=[], help="config KEY=VALUE")
+    parser.add_argument("--matmul-size", type=int, help="default: 2048 on CPU, 8192 else")
     parser.add_argument("--in-process", action="store_true", help="no child processes")
     parser.add_argument("--budget-s", type=float, help="wall-clock limit of the whole run")
     parser.add_argument("--out", type=Path, help="write NAME.json and NAME.md here")
@@ -220,8 +243,8 @@ def configurations(opts: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """The measurement of one configuration, with this process's `machine_info`."""
-    return {**measure(spec), "machine": common.machine_info()}
+    """One configuration of `configurations`, or the matmul peaks (`common.run_spec`)."""
+    return common.run_spec(spec, measure)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -231,9 +254,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         common.child_result(run_one(json.loads(opts.child)))
         return {}
     budget = common.Budget(opts.budget_s)
+    peaks_spec = {"matmul": opts.dtypes, "size": opts.matmul_size}
+    matmul = common.execute(SCRIPT, run_one, peaks_spec, opts.in_process, budget)
     payload: dict[str, Any] = {
-        "machine": {},
+        "machine": matmul.pop("machine", {}),
         "settings": {k: v for k, v in vars(opts).items() if k not in ("out", "name", "child")},
+        "matmul": matmul,
         "rows": [],
     }
     print(common.markdown_table([], COLUMNS), flush=True)
@@ -241,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         row = {**spec, **common.execute(SCRIPT, run_one, spec, opts.in_process, budget)}
         machine = row.pop("machine", {})
         payload["machine"] = payload["machine"] or machine
-        row.update(derived(row))
+        row.update(derived(row, matmul.get("matmul_gflops", {})))
         payload["rows"].append(row)
         common.report_row(row, COLUMNS, opts.out, opts.name, payload, markdown)
     common.report_final(opts.out, opts.name, payload, markdown)

@@ -123,19 +123,29 @@ def test_model_bench(bench, tmp_path):
         ]
     )
     payload = read_json(tmp_path / "model.json")
-    positive(payload["matmul"], "matmul_gflops")
+    peaks = payload["matmul"]["matmul_gflops"]
+    positive(peaks, "float32")
     (row,) = payload["rows"]
-    assert (row["variant"], row["size"], row["status"]) == ("mff", [32, 32], "ok")
+    assert (row["variant"], row["size"], row["dtype"], row["status"]) == (
+        "mff",
+        [32, 32],
+        "float32",
+        "ok",
+    )
     positive(row, "compile_s", "median_s", "xla_mflop_px", "release_gflops", "xla_gflops")
     positive(row, "release_peak_pct", "xla_peak_pct", "temp_mb", "peak_rss_mb")
     assert row["release_mflop_px"] == 0.39
+    assert row["xla_peak_pct"] == pytest.approx(100 * row["xla_gflops"] / peaks["float32"])
 
 
 def test_model_bench_child_process(bench, tmp_path):
     """The default isolation: here only the matmul peak runs, in a child process."""
-    payload = bench("model").main(["--variants", "--matmul-size", "128"])
+    payload = bench("model").main(
+        ["--variants", "--matmul-size", "128", "--dtypes", "float32", "bfloat16"]
+    )
     assert payload["machine"]["backend"] == jax.default_backend()
-    positive(payload["matmul"], "matmul_gflops")
+    assert payload["matmul"]["matmul_size"] == 128
+    positive(payload["matmul"]["matmul_gflops"], "float32", "bfloat16")
     assert payload["rows"] == []
 
 
@@ -149,6 +159,13 @@ def test_model_bench_configurations(bench):
         ("hdr", [64, 96]),
         ("hdr", [1000, 1500]),
     ]
+    opts = model_bench.parse_args(
+        ["--variants", "hdr", "--sizes", "--dtypes", "float32", "bfloat16"]
+    )
+    assert [(c["size"], c["dtype"]) for c in model_bench.configurations(opts)] == [
+        ([1000, 1500], "float32"),
+        ([1000, 1500], "bfloat16"),
+    ]
 
 
 def test_train_step_bench(bench, tmp_path):
@@ -156,6 +173,7 @@ def test_train_step_bench(bench, tmp_path):
         [
             *("--variants", "mff", "--dtypes", "float32", "--nmi", "off", "--remat", "off"),
             *("--batch", "1", "--patch", "16", "--repeats", "1", "--in-process"),
+            *("--matmul-size", "256"),
             *("--override", "model.embed_dim=12", "model.depths=(1,1)", "--out", str(tmp_path)),
         ]
     )
@@ -163,7 +181,9 @@ def test_train_step_bench(bench, tmp_path):
     (row,) = payload["rows"]
     assert (row["variant"], row["batch"], row["patch"], row["status"]) == ("mff", 1, 16, "ok")
     positive(row, "compile_s", "s_per_step", "steps_per_s", "images_per_s", "xla_gflop_step")
-    positive(row, "loss", "temp_mb", "peak_rss_mb")
+    positive(row, "loss", "temp_mb", "peak_rss_mb", "xla_gflops", "peak_pct")
+    peak = payload["matmul"]["matmul_gflops"]["float32"]
+    assert row["peak_pct"] == pytest.approx(100 * row["xla_gflops"] / peak)
 
 
 def test_train_step_configurations(bench):
