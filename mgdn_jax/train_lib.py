@@ -204,17 +204,15 @@ def init_state(
 # ----------------------------------------------------------------------------- train step
 
 
-def make_train_step(
+def train_step(
     config: ml_collections.ConfigDict,
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-    mesh: jax.sharding.Mesh,
 ) -> TrainStep:
-    """The jitted step (state, batch) -> (state, scalar metrics); the state is donated.
+    """The step (state, batch) -> (state, scalar metrics), not jitted (`make_train_step`).
 
-    batch: {"inputs": tuple of (B, H, W, C_i), "target": (B, H, W, C_out) (optional)}, split
-    along `data`.
+    batch: {"inputs": tuple of (B, H, W, C_i), "target": (B, H, W, C_out) (optional)}.
     """
     dtype = COMPUTE_DTYPES[config.compute_dtype]
 
@@ -251,9 +249,21 @@ def make_train_step(
         }
         return new_state, metrics
 
+    return step
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: jax.sharding.Mesh,
+) -> TrainStep:
+    """`train_step` jitted over `mesh`: the state replicated and donated, the batch split along
+    `data`, the metrics replicated."""
     replicated = NamedSharding(mesh, P())
     return jax.jit(
-        step,
+        train_step(config, graphdef, tx, schedule),
         in_shardings=(replicated, NamedSharding(mesh, P(DATA_AXIS))),
         out_shardings=(replicated, replicated),
         donate_argnums=0,

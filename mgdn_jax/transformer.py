@@ -67,10 +67,18 @@ class WindowAttention(nnx.Module):
         self.proj = nnx.Linear(dim, dim, kernel_init=_trunc_normal, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        """(B * nW, N, C) windows, optional (nW, N, N) mask -> (B * nW, N, C)."""
+        """(B * nW, N, C) windows, optional (nW, N, N) mask -> (B * nW, N, C).
+
+        q, k and v are projected straight into (B * nW, heads, N, d) with the qkv Linear's
+        kernel viewed as (C, 3, heads, d), and the output projection contracts (heads, d):
+        the same maps as Linear -> reshape -> transpose, without the (3, ...) transposes that
+        dominate the backward pass on small windows.
+        """
         bw, n, c = x.shape
-        qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+        heads = self.num_heads
+        kernel = self.qkv.kernel[...].astype(x.dtype).reshape(c, 3, heads, c // heads)
+        bias = self.qkv.bias[...].astype(x.dtype).reshape(3, heads, 1, c // heads)
+        q, k, v = (jnp.einsum("bnc,chd->bhnd", x, kernel[:, i]) + bias[i] for i in range(3))
         logits = jnp.einsum("bhnd,bhmd->bhnm", q * self.scale, k)
         index = relative_position_index(self.window).reshape(-1)
         bias = self.relative_position_bias_table[index].reshape(n, n, -1).transpose(2, 0, 1)
@@ -79,8 +87,9 @@ class WindowAttention(nnx.Module):
             nw = mask.shape[0]
             logits = logits.reshape(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]
             logits = logits.reshape(bw, self.num_heads, n, n)
-        out = jnp.einsum("bhnm,bhmd->bnhd", jax.nn.softmax(logits, axis=-1), v)
-        return self.proj(out.reshape(bw, n, c))
+        out = jnp.einsum("bhnm,bhmd->bhnd", jax.nn.softmax(logits, axis=-1), v)
+        proj = self.proj.kernel[...].astype(x.dtype).reshape(heads, c // heads, c)
+        return jnp.einsum("bhnd,hdo->bno", out, proj) + self.proj.bias[...].astype(x.dtype)
 
 
 class Mlp(nnx.Module):

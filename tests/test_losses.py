@@ -132,11 +132,26 @@ def test_nmi_independent_noise_is_near_zero():
     assert np.all(dependent > 5 * independent)
 
 
-def test_nmi_matches_numpy_soft_histogram():
+@pytest.mark.parametrize("bandwidth", [0.02 / BINS, BANDWIDTH, 1.5 / BINS])
+def test_soft_bins_match_the_full_gaussian_kernel(bandwidth):
+    """The memberships, computed only at the centres near each value, equal the kernel
+    normalised over all centres (float64 NumPy), also at the ends of (0, 1)."""
+    u = np.concatenate([[0.0, 1e-4, 0.5 / BINS, 1.0 - 1e-4, 1.0], np.linspace(0, 1, 997)])
+    u = u.astype(np.float32)
+    got = np.asarray(losses._soft_bins(jnp.asarray(u), BINS, bandwidth, 2.0))
+    u = u.astype(np.float64)
+    centres = (np.arange(BINS) + 0.5) / BINS
+    kernel = np.exp(-((u[:, None] - centres) ** 2) / (2 * bandwidth**2))
+    expected = 2.0 * kernel / kernel.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bandwidth", [BANDWIDTH, 1.5 / BINS])
+def test_nmi_matches_numpy_soft_histogram(bandwidth):
     a, b = _normal(6, (1, 12, 10, 2)), _normal(7, (1, 12, 10, 2))
     b = 0.6 * a + b
     w = (_uniform(8, (1, 12, 10)) > 0.3).astype(jnp.float32)
-    got = float(losses.masked_nmi(a, b, w, BINS, BANDWIDTH)[0])
+    got = float(losses.masked_nmi(a, b, w, BINS, bandwidth)[0])
 
     m = np.asarray(w, np.float64).reshape(-1)
     centres = (np.arange(BINS) + 0.5) / BINS
@@ -148,7 +163,7 @@ def test_nmi_matches_numpy_soft_histogram():
             mean = np.sum(m * x) / m.sum()
             var = np.sum(m * (x - mean) ** 2) / m.sum()
             u = 1.0 / (1.0 + np.exp(-1.702 * (x - mean) / np.sqrt(var + 1e-6)))
-            k = np.exp(-((u[:, None] - centres) ** 2) / (2 * BANDWIDTH**2))
+            k = np.exp(-((u[:, None] - centres) ** 2) / (2 * bandwidth**2))
             memberships.append(k / k.sum(axis=1, keepdims=True))
         joint = (memberships[0] * m[:, None]).T @ memberships[1] / m.sum()
         h1, h2 = _entropy64(joint.sum(1)), _entropy64(joint.sum(0))

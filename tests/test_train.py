@@ -227,9 +227,12 @@ def wait_all(runs: dict[str, subprocess.Popen], logs: Path, timeout: float) -> N
         assert run.returncode == 0, (logs / f"{name}.log").read_text()[-3000:]
 
 
-# Adam divides by sqrt(v) + eps: with a tiny eps, last-bit differences of near-zero gradients
-# (summation order across devices, rematerialisation) become lr-sized; eps 1e-3 keeps them small.
-THREE_STEPS = {"total_steps": 3, "optimizer.eps": 1e-3}
+# Adam divides by sqrt(v) + eps, so last-bit differences of near-zero gradients (the summation
+# order differs across devices and with rematerialisation, and the NMI loss's sharp kernel
+# magnifies them) become lr-sized updates. Measured on the 8- vs 1-device runs (3 steps, random
+# batch): eps 1e-8 -> 4.5e-3, 1e-3 -> 1e-4, 1e-2 -> 1.6e-4, 1e-1 -> 1.7e-6, 1 (SGD-like) ->
+# 1e-7. eps 0.1 compares what sharding changes, the gradients, to rounding.
+THREE_STEPS = {"total_steps": 3, "optimizer.eps": 0.1}
 # The runs of `three_steps`: devices and config changes.
 VARIANTS = {
     "1": (1, {}),
@@ -261,9 +264,7 @@ def three_steps(synthetic_tiny: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_eight_device_mesh_matches_one_device(three_steps: dict[str, Path]):
     one = restore_params(three_steps["1"], 3)
     eight = restore_params(three_steps["8"], 3, like=one)
-    # 1.4e-5 measured with the NMI loss on (its gradients are the most rounding-sensitive part;
-    # with loss.nmi_lambda=0 the difference is below 1e-5). The issue asks for 1e-5: open.
-    assert_trees_close(eight["params"], one["params"], 2e-5)
+    assert_trees_close(eight["params"], one["params"], 1e-5)
     # The export of a multi-device run loads on one device.
     for x, y in zip(jax.tree.leaves(exported(three_steps["8"])), jax.tree.leaves(eight["params"])):
         np.testing.assert_array_equal(x, y)
