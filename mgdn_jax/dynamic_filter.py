@@ -48,17 +48,6 @@ def _filter_padded(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
     return out.astype(xpad.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _filter(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
-    return _filter_padded(xpad, taps, k)
-
-
-def _filter_fwd(
-    xpad: jax.Array, taps: jax.Array, k: int
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _filter_padded(xpad, taps, k), (xpad, taps)
-
-
 def _tap_gradients(xpad: jax.Array, g: jax.Array, k: int) -> jax.Array:
     """d taps: (B, H + k - 1, W + k - 1, C) padded input, (B, H, W, C) output cotangent ->
     (B, H, W, k*k), d taps[..., t] = sum_c (xpad shifted by t) * g.
@@ -113,7 +102,17 @@ def _filter_bwd(
     return dxpad.astype(xpad.dtype), dtaps.astype(taps.dtype)
 
 
-_filter.defvjp(_filter_fwd, _filter_bwd)
+def _with_filter_backward(
+    forward: Callable[[jax.Array, jax.Array, int], jax.Array],
+) -> Callable[[jax.Array, jax.Array, int], jax.Array]:
+    """`forward` ((B, H + k - 1, W + k - 1, C) padded features, (B, H, W, k*k) taps, k) ->
+    (B, H, W, C), differentiated by `_filter_bwd` instead of autodiff."""
+    filter_fn = jax.custom_vjp(forward, nondiff_argnums=(2,))
+    filter_fn.defvjp(lambda xpad, taps, k: (forward(xpad, taps, k), (xpad, taps)), _filter_bwd)
+    return filter_fn
+
+
+_filter = _with_filter_backward(_filter_padded)
 
 
 @functools.partial(jax.jit, static_argnames="kernel_size")
@@ -214,18 +213,7 @@ def _filter_cf_padded(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
     return jnp.transpose(out, (0, 2, 3, 1)).astype(xpad.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _filter_cf(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
-    return _filter_cf_padded(xpad, taps, k)
-
-
-def _filter_cf_fwd(
-    xpad: jax.Array, taps: jax.Array, k: int
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _filter_cf_padded(xpad, taps, k), (xpad, taps)
-
-
-_filter_cf.defvjp(_filter_cf_fwd, _filter_bwd)
+_filter_cf = _with_filter_backward(_filter_cf_padded)
 
 
 @functools.partial(jax.jit, static_argnames="kernel_size")
