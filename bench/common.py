@@ -7,6 +7,7 @@ bench/ first on sys.path).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -252,6 +253,63 @@ class Budget:
     def spent(self) -> bool:
         left = self.left()
         return left is not None and left <= 0
+
+
+def add_benchmark_args(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options `run_benchmark` reads: --matmul-size, --in-process, --budget-s, --out,
+    --name (default `name`) and the hidden --child."""
+    parser.add_argument("--matmul-size", type=int, help="default: 2048 on CPU, 8192 else")
+    parser.add_argument("--in-process", action="store_true", help="no child processes")
+    parser.add_argument("--budget-s", type=float, help="wall-clock limit of the whole run")
+    parser.add_argument("--out", type=Path, help="write NAME.json and NAME.md here")
+    parser.add_argument("--name", default=name, help="file name of the results")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+
+
+def run_benchmark(
+    script: Path,
+    opts: Any,
+    measure: Callable[[dict[str, Any]], dict],
+    configurations: Callable[[Any], list[dict[str, Any]]],
+    derived: Callable[[dict[str, Any], dict[str, float]], dict[str, Any]],
+    columns: Sequence[Column],
+    markdown: Callable[[dict[str, Any]], str],
+    sort_key: Callable[[dict[str, Any]], Any] | None = None,
+) -> dict[str, Any]:
+    """The `main` of a benchmark whose configurations each run in a child process of `script`
+    (or in this one with --in-process): the matmul peaks of `opts.dtypes` first, then
+    `measure(spec)` per spec of `configurations(opts)`, each row completed by
+    `derived(row, peaks)`, kept sorted by `sort_key` and reported as it finishes. With
+    `opts.child` (a child process) it measures that one spec and returns {}. Returns the
+    payload {"machine", "settings", "matmul", "rows"}."""
+
+    def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+        return run_spec(spec, measure)
+
+    if opts.child:
+        child_result(run_one(json.loads(opts.child)))
+        return {}
+    budget = Budget(opts.budget_s)
+    peaks_spec = {"matmul": opts.dtypes, "size": opts.matmul_size}
+    matmul = execute(script, run_one, peaks_spec, opts.in_process, budget)
+    payload: dict[str, Any] = {
+        "machine": matmul.pop("machine", {}),
+        "settings": {k: v for k, v in vars(opts).items() if k not in ("out", "name", "child")},
+        "matmul": matmul,
+        "rows": [],
+    }
+    print(markdown_table([], columns), flush=True)
+    for spec in configurations(opts):
+        row = {**spec, **execute(script, run_one, spec, opts.in_process, budget)}
+        machine = row.pop("machine", {})
+        payload["machine"] = payload["machine"] or machine
+        row.update(derived(row, matmul.get("matmul_gflops", {})))
+        payload["rows"].append(row)
+        if sort_key is not None:
+            payload["rows"].sort(key=sort_key)
+        report_row(row, columns, opts.out, opts.name, payload, markdown)
+    report_final(opts.out, opts.name, payload, markdown)
+    return payload
 
 
 # ----------------------------------------------------------------------------- model parameters

@@ -28,7 +28,6 @@ import argparse
 import ast
 import importlib.util
 import itertools
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -212,12 +211,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--patch", type=int, help="default: the config's data.patch_size")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--override", nargs="*", default=[], help="config KEY=VALUE")
-    parser.add_argument("--matmul-size", type=int, help="default: 2048 on CPU, 8192 else")
-    parser.add_argument("--in-process", action="store_true", help="no child processes")
-    parser.add_argument("--budget-s", type=float, help="wall-clock limit of the whole run")
-    parser.add_argument("--out", type=Path, help="write NAME.json and NAME.md here")
-    parser.add_argument("--name", default="train_step", help="file name of the results")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
+    common.add_benchmark_args(parser, "train_step")
     return parser.parse_args(argv)
 
 
@@ -242,36 +236,11 @@ def configurations(opts: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
-def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One configuration of `configurations`, or the matmul peaks (`common.run_spec`)."""
-    return common.run_spec(spec, measure)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; prints and (with --out) writes the table; returns the payload."""
-    opts = parse_args(argv)
-    if opts.child:
-        common.child_result(run_one(json.loads(opts.child)))
-        return {}
-    budget = common.Budget(opts.budget_s)
-    peaks_spec = {"matmul": opts.dtypes, "size": opts.matmul_size}
-    matmul = common.execute(SCRIPT, run_one, peaks_spec, opts.in_process, budget)
-    payload: dict[str, Any] = {
-        "machine": matmul.pop("machine", {}),
-        "settings": {k: v for k, v in vars(opts).items() if k not in ("out", "name", "child")},
-        "matmul": matmul,
-        "rows": [],
-    }
-    print(common.markdown_table([], COLUMNS), flush=True)
-    for spec in configurations(opts):
-        row = {**spec, **common.execute(SCRIPT, run_one, spec, opts.in_process, budget)}
-        machine = row.pop("machine", {})
-        payload["machine"] = payload["machine"] or machine
-        row.update(derived(row, matmul.get("matmul_gflops", {})))
-        payload["rows"].append(row)
-        common.report_row(row, COLUMNS, opts.out, opts.name, payload, markdown)
-    common.report_final(opts.out, opts.name, payload, markdown)
-    return payload
+    return common.run_benchmark(
+        SCRIPT, parse_args(argv), measure, configurations, derived, COLUMNS, markdown
+    )
 
 
 if __name__ == "__main__":
