@@ -1,10 +1,13 @@
 """Tiny dataset fixtures shared by test_datasets.py and test_input_pipeline.py (loaded with
 `pytest_plugins`): the reference Lytro / MEF / NYU v2 samples, generated files in the exact
 Kalantari, SICE and RealMFF layouts, and session fixtures that build each dataset once, the
-`tfds build` way, into one data_dir."""
+`tfds build` way, into one data_dir; also a runner for code that must not import TensorFlow."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,38 @@ from PIL import Image
 from mgdn_jax import radiance
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Makes any `import tensorflow...` fail in the interpreter it starts.
+_BLOCK_TENSORFLOW = """
+import importlib.abc, importlib.machinery, sys
+
+class Blocked(importlib.abc.Loader):
+    def create_module(self, spec):
+        raise ModuleNotFoundError(spec.name + " is blocked in this test")
+
+    def exec_module(self, module):
+        pass
+
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            return importlib.machinery.ModuleSpec(name, Blocked())
+
+sys.meta_path.insert(0, NoTensorFlow())
+"""
+
+
+def run_without_tensorflow(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Runs `code` (Python source, dedented here) in a fresh interpreter in which importing
+    TensorFlow fails; asserts that it exits with 0 and that no TensorFlow module was loaded."""
+    check = 'loaded = sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow")\n'
+    check += 'print("TENSORFLOW MODULES:", loaded)\n'
+    script = _BLOCK_TENSORFLOW + textwrap.dedent(code) + "\n" + check
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TENSORFLOW MODULES: []" in result.stdout
+    return result
+
 
 # Generated fixtures: (H, W) of every image.
 KALANTARI_SIZE = (24, 40)

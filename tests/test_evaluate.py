@@ -7,9 +7,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import ml_collections
@@ -24,7 +21,7 @@ from mgdn_jax.model import build_model
 from mgdn_jax.variants import model_config
 
 pytest.register_assert_rewrite("dataset_fixtures")
-from dataset_fixtures import REPO  # noqa: E402
+from dataset_fixtures import REPO, run_without_tensorflow  # noqa: E402
 
 pytest_plugins = ["dataset_fixtures"]
 
@@ -111,36 +108,12 @@ def test_cli_results_files_without_tensorflow(synthetic_tiny: Path, tiny_weights
         f"--config.data.data_dir={synthetic_tiny}",
         f"--workdir={tmp_path}",
     ]
-    script = textwrap.dedent(
-        f"""
-        import importlib.abc, importlib.machinery, sys
-
-        class Blocked(importlib.abc.Loader):
-            def create_module(self, spec):
-                raise ModuleNotFoundError(spec.name + " is blocked in this test")
-
-            def exec_module(self, module):
-                pass
-
-        class NoTensorFlow(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "tensorflow":
-                    return importlib.machinery.ModuleSpec(name, Blocked())
-
-        sys.meta_path.insert(0, NoTensorFlow())  # any `import tensorflow` fails
+    code = f"""
         from mgdn_jax import evaluate
 
-        rc = evaluate.main({argv!r})
-        loaded = sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow")
-        print("TENSORFLOW MODULES:", loaded)
-        sys.exit(rc)
+        assert evaluate.main({argv!r}) == 0
         """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "TENSORFLOW MODULES: []" in result.stdout
+    result = run_without_tensorflow(code, tmp_path)
 
     directory = tmp_path / "eval" / "synthetic_fusion_mff_tiny_test"
     record, comment, rows = read_results(directory)
