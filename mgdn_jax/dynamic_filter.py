@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgdn_jax.layers import ConvAct, conv, lrelu
+from mgdn_jax.layers import ConvAct, conv, lrelu, recomputed
 
 KERNEL_SIZE = 7
 NUM_TAPS = KERNEL_SIZE * KERNEL_SIZE
@@ -76,14 +76,32 @@ def _tap_gradients(xpad: jax.Array, g: jax.Array, k: int) -> jax.Array:
     return jax.lax.map(block, jnp.arange(b * blocks)).reshape(b, h, w, k * k)
 
 
+def _fold_replicate(d: jax.Array, r: int) -> jax.Array:
+    """The adjoint of `_pad_replicate`: (B, H + 2r, W + 2r, C) -> (B, H, W, C), each border
+    band summed into the edge row / column it copies."""
+    for axis in (1, 2):
+        n = d.shape[axis] - 2 * r
+        if n == 1:
+            d = jnp.sum(d, axis=axis, keepdims=True)
+            continue
+        first = jnp.sum(jax.lax.slice_in_dim(d, 0, r + 1, axis=axis), axis=axis, keepdims=True)
+        middle = jax.lax.slice_in_dim(d, r + 1, r + n - 1, axis=axis)
+        last = jnp.sum(
+            jax.lax.slice_in_dim(d, r + n - 1, n + 2 * r, axis=axis), axis=axis, keepdims=True
+        )
+        d = jnp.concatenate([first, middle, last], axis=axis)
+    return d
+
+
 def _filter_bwd(
     k: int, residuals: tuple[jax.Array, jax.Array], g: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """d taps by `_tap_gradients`; d xpad is the filter run backwards: every padded pixel
-    gathers g * taps from the k*k outputs that read it."""
-    xpad, taps = residuals
+    """d taps by `_tap_gradients`; d x is the filter run backwards (every padded pixel gathers
+    g * taps from the k*k outputs that read it), folded back through the replicate padding."""
+    x, taps = recomputed(g, *residuals)
+    xpad = _pad_replicate(x, k)
     _, h, w, _ = g.shape
-    acc = jnp.promote_types(xpad.dtype, jnp.float32)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
     dtaps = _tap_gradients(xpad, g, k)
     r = k - 1
     edges = ((0, 0), (r, r), (r, r), (0, 0))
@@ -99,16 +117,21 @@ def _filter_bwd(
                 + gpad[:, ys : ys + hp, xs : xs + wp]
                 * tpad[:, ys : ys + hp, xs : xs + wp, t : t + 1]
             )
-    return dxpad.astype(xpad.dtype), dtaps.astype(taps.dtype)
+    return _fold_replicate(dxpad, k // 2).astype(x.dtype), dtaps.astype(taps.dtype)
 
 
 def _with_filter_backward(
     forward: Callable[[jax.Array, jax.Array, int], jax.Array],
 ) -> Callable[[jax.Array, jax.Array, int], jax.Array]:
     """`forward` ((B, H + k - 1, W + k - 1, C) padded features, (B, H, W, k*k) taps, k) ->
-    (B, H, W, C), differentiated by `_filter_bwd` instead of autodiff."""
-    filter_fn = jax.custom_vjp(forward, nondiff_argnums=(2,))
-    filter_fn.defvjp(lambda xpad, taps, k: (forward(xpad, taps, k), (xpad, taps)), _filter_bwd)
+    (B, H, W, C) as a function of the unpadded (B, H, W, C) features, differentiated by
+    `_filter_bwd` instead of autodiff: only the unpadded features and the taps are kept."""
+
+    def padded_forward(x: jax.Array, taps: jax.Array, k: int) -> jax.Array:
+        return forward(_pad_replicate(x, k), taps, k)
+
+    filter_fn = jax.custom_vjp(padded_forward, nondiff_argnums=(2,))
+    filter_fn.defvjp(lambda x, taps, k: (padded_forward(x, taps, k), (x, taps)), _filter_bwd)
     return filter_fn
 
 
@@ -128,7 +151,7 @@ def dynamic_filter(x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE
         (B, H, W, C) filtered features.
     """
     _check(x, taps, kernel_size)
-    return _filter(_pad_replicate(x, kernel_size), taps, kernel_size)
+    return _filter(x, taps, kernel_size)
 
 
 @functools.partial(jax.jit, static_argnames="kernel_size")
@@ -223,7 +246,7 @@ def dynamic_filter_channels_first(
     """`dynamic_filter` with a channels-first forward pass (`_filter_cf_padded`) and the
     default's backward pass (`_filter_bwd`, which is faster channels-last on CPU)."""
     _check(x, taps, kernel_size)
-    return _filter_cf(_pad_replicate(x, kernel_size), taps, kernel_size)
+    return _filter_cf(x, taps, kernel_size)
 
 
 # name -> (x (B, H, W, C), taps (B, H, W, k*k), kernel_size=7) -> (B, H, W, C).

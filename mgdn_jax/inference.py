@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mgdn_jax import runtime
 from mgdn_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -68,7 +69,16 @@ def jit_forward(model: MGDN, dtype: str = "float32") -> Callable[..., jax.Array]
         out = nnx.merge(graphdef, jax.tree.map(cast, state))(*(cast(x) for x in inputs))
         return out.astype(jnp.float32)
 
-    return lambda *inputs: forward(state, *inputs)
+    compiled: dict[tuple, Callable[..., jax.Array]] = {}
+
+    def call(*inputs: jax.Array) -> jax.Array:
+        key = tuple((x.shape, jnp.result_type(x)) for x in inputs)
+        if key not in compiled:  # compile, then return the compiler's freed memory to the OS
+            compiled[key] = forward.lower(state, *inputs).compile()
+            runtime.release_memory()
+        return compiled[key](state, *inputs)
+
+    return call
 
 
 def tile_multiple(window: int) -> int:

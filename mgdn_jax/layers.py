@@ -2,16 +2,119 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # PyTorch's default Conv2d / Linear weight initialisation (kaiming-uniform with a = sqrt(5)).
 torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _depend_on(values: Any, scalar: jax.Array) -> Any:
+    """`values` (a pytree of arrays) with 0 * `scalar` added to every floating leaf: equal
+    values that XLA can only compute after `scalar`. (XLA:CPU removes optimization barriers
+    before it schedules, and does not fold x * 0 for floats, which may be NaN.)"""
+    zero = scalar.astype(jnp.float32) * 0.0
+
+    def add(leaf: jax.Array) -> jax.Array:
+        return leaf + zero.astype(leaf.dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    return jax.tree.map(add, values)
+
+
+def recomputed(g: Any, *residuals: Any) -> tuple[Any, ...]:
+    """`residuals` made to depend on the output cotangent `g` (a pytree), for backward passes
+    that recompute values from them: otherwise XLA merges the recomputation with the identical
+    forward computation (`jax.checkpoint`'s barriers are gone by then) and keeps the forward
+    intermediates alive until the backward pass."""
+    return _depend_on(residuals, jax.tree.leaves(g)[0].reshape(-1)[0])
+
+
+def grads_together(fn: Callable[[Any, Any], Any], remat: bool = False) -> Callable[[Any, Any], Any]:
+    """`fn(inputs, params)` (pytrees of arrays), differentiated so that the cotangents of
+    `inputs` depend on those of `params`: the backward pass computes a layer's parameter
+    gradients before it moves on to the layers below.
+
+    The input cotangents are on the critical path of the backward pass; parameter gradients
+    (bias sums, norm-scale sums, kernel contractions) are not, and XLA:CPU's scheduler leaves
+    many of them to the very end of the step (next to the gradient-norm and optimizer ops),
+    keeping every layer's output cotangent and inputs alive until then. The input cotangents
+    get zero times the largest parameter-gradient entry added (`_depend_on`): a data
+    dependency that costs one scalar per layer. (A non-finite parameter gradient makes the
+    input gradients NaN, which a non-finite step reports either way.) The max, not a sum: XLA
+    folds a sum of sums into one reduction of the layer's cotangent, which would leave the
+    parameter gradients themselves unordered.
+
+    The forward pass keeps what `jax.vjp` of `fn` keeps, or with `remat` only `inputs` and
+    `params`: the backward pass then recomputes `fn` (after its output cotangent, see
+    `recomputed`).
+    """
+
+    @jax.custom_vjp
+    def together(inputs: Any, params: Any) -> Any:
+        return fn(inputs, params)
+
+    def together_fwd(inputs: Any, params: Any) -> tuple[Any, Any]:
+        if remat:
+            return fn(inputs, params), (inputs, params)
+        return jax.vjp(fn, inputs, params)
+
+    def together_bwd(residuals: Any, g: Any) -> tuple[Any, Any]:
+        if remat:
+            vjp_fn = jax.vjp(fn, *recomputed(g, *residuals))[1]
+        else:
+            vjp_fn = residuals
+        d_inputs, d_params = vjp_fn(g)
+        largest = jnp.max(
+            jnp.stack([jnp.max(p).astype(jnp.float32) for p in jax.tree.leaves(d_params)])
+        )
+        return _depend_on(d_inputs, largest), d_params
+
+    together.defvjp(together_fwd, together_bwd)
+    return together
+
+
+_TIED = [True]
+
+
+@contextlib.contextmanager
+def untied() -> Iterator[None]:
+    """Within it, `tied` calls methods directly: for forward-only passes that inspect the
+    modules' calls (`nnx.capture` records the calls of the model's own modules, not of the
+    copies that `tied` differentiates)."""
+    _TIED[0] = False
+    try:
+        yield
+    finally:
+        _TIED[0] = True
+
+
+def tied(
+    module: nnx.Module, method: Callable[..., Any] | None = None, remat: bool = False
+) -> Callable[..., Any]:
+    """`method(module, *inputs, **constants)` (default: the module's call) through
+    `grads_together`, with `remat` recomputed in the backward pass from its inputs.
+    Positional arguments are the differentiated inputs, keyword arguments constants. Modules
+    call it from their own `__call__` with their forward pass as `method`, so that the call
+    stays theirs (`nnx.capture` records it)."""
+    method = method or type(module).__call__
+    if not _TIED[0]:
+        return functools.partial(method, module)
+    graphdef, state = nnx.split(module)
+
+    def call(*inputs: Any, **constants: Any) -> Any:
+        def apply(inputs: tuple, state: nnx.State) -> Any:
+            return method(nnx.merge(graphdef, state), *inputs, **constants)
+
+        return grads_together(apply, remat)(inputs, state)
+
+    return call
 
 
 def _pad(kernel_size: int, dilation: int) -> int:
@@ -52,7 +155,7 @@ def _conv2d_fwd(
 def _conv2d_bwd(
     dilation: int, residuals: tuple[jax.Array, jax.Array], g: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    x, kernel = residuals
+    x, kernel = recomputed(g, *residuals)
     k, _, i, o = kernel.shape
     _, h, w, _ = x.shape
     # d/dx: the transposed convolution, i.e. the spatially flipped kernel with I and O swapped.
@@ -97,14 +200,49 @@ class Conv(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
         self.dilation = dilation
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, in) -> (B, H, W, out)."""
-        kernel = self.kernel[...].astype(x.dtype)
-        if kernel.shape[0] == 1:
-            y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
-        else:
-            y = conv2d(x, kernel, self.dilation)
-        return y + self.bias[...].astype(x.dtype)
+    def __call__(
+        self, x: jax.Array | Sequence[jax.Array], outputs: slice = slice(None)
+    ) -> jax.Array:
+        """(B, H, W, in) -> (B, H, W, out), or only the output channels `outputs`. A sequence
+        of (B, H, W, C_j) maps stands for their channel concatenation, which a 1x1 conv reads
+        without building it (one matmul per map with its slice of the kernel, summed)."""
+        if isinstance(x, jax.Array | np.ndarray):
+            return self._single(x, outputs)
+        if outputs != slice(None):
+            raise ValueError("a sequence of inputs gives every output channel")
+        xs = list(x)
+        if self.kernel.shape[0] != 1:
+            raise ValueError("a sequence of inputs needs a 1x1 convolution")
+        if sum(a.shape[-1] for a in xs) != self.kernel.shape[2]:
+            raise ValueError(
+                f"inputs have {[a.shape[-1] for a in xs]} channels; the conv takes "
+                f"{self.kernel.shape[2]} in all"
+            )
+
+        def apply(xs: list[jax.Array], params: tuple[jax.Array, jax.Array]) -> jax.Array:
+            kernel, bias = params
+            y, start = bias, 0
+            for a in xs:
+                y = y + jnp.einsum("bhwi,io->bhwo", a, kernel[0, 0, start : start + a.shape[-1]])
+                start += a.shape[-1]
+            return y
+
+        dtype = xs[0].dtype
+        return grads_together(apply)(
+            xs, (self.kernel[...].astype(dtype), self.bias[...].astype(dtype))
+        )
+
+    def _single(self, x: jax.Array, outputs: slice) -> jax.Array:
+        def apply(x: jax.Array, params: tuple[jax.Array, jax.Array]) -> jax.Array:
+            kernel, bias = params
+            if kernel.shape[0] == 1:
+                y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
+            else:
+                y = conv2d(x, kernel, self.dilation)
+            return y + bias
+
+        kernel = self.kernel[...][..., outputs].astype(x.dtype)
+        return grads_together(apply)(x, (kernel, self.bias[...][outputs].astype(x.dtype)))
 
 
 def conv(
@@ -139,16 +277,55 @@ class ConvAct(nnx.Module):
 
 
 def checkpointed(module: nnx.Module, remat: bool) -> Callable[..., Any]:
-    """`module`'s call, under `nnx.remat` when `remat` is set: only its inputs are kept for the
-    backward pass, which recomputes its activations."""
-    if not remat:
-        return module
-    return functools.partial(nnx.remat(lambda m, *args: m(*args)), module)
+    """`module`'s call; with `remat`, through `tied(module, remat=True)`: only its inputs are
+    kept for the backward pass, which recomputes its activations."""
+    return tied(module, remat=True) if remat else module
+
+
+@jax.custom_vjp
+def softmax(x: jax.Array) -> jax.Array:
+    """Softmax over the last axis whose backward pass keeps only its output (differentiating
+    it keeps the exponentials too)."""
+    return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    y = softmax(x)
+    return y, y
+
+
+def _softmax_bwd(y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def leaky_relu(x: jax.Array, negative_slope: float) -> jax.Array:
+    """LeakyReLU (slope > 0) whose backward pass reads the sign from its output, which the next
+    layer keeps anyway, instead of keeping a mask of its input."""
+    return jax.nn.leaky_relu(x, negative_slope)
+
+
+def _leaky_relu_fwd(x: jax.Array, negative_slope: float) -> tuple[jax.Array, jax.Array]:
+    y = leaky_relu(x, negative_slope)
+    return y, y
+
+
+def _leaky_relu_bwd(negative_slope: float, y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return (jnp.where(y >= 0, g, negative_slope * g),)
+
+
+leaky_relu.defvjp(_leaky_relu_fwd, _leaky_relu_bwd)
 
 
 def lrelu(slope: float) -> Callable[[jax.Array], jax.Array]:
-    """LeakyReLU with the given negative slope, as a named function (a static module field)."""
-    return functools.partial(jax.nn.leaky_relu, negative_slope=slope)
+    """`leaky_relu` with the given negative slope (> 0), as a named function (a static module
+    field)."""
+    if slope <= 0:
+        raise ValueError(f"leaky_relu needs a positive slope, got {slope}")
+    return functools.partial(leaky_relu, negative_slope=slope)
 
 
 def _depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -178,7 +355,7 @@ def _depthwise_fwd(x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, tuple]:
 
 
 def _depthwise_bwd(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple:
-    x, kernel = residuals
+    x, kernel = recomputed(g, *residuals)
     k = kernel.shape[0]
     r = k // 2
     _, h, w, _ = x.shape
@@ -207,7 +384,8 @@ class DepthwiseConv3x3(nnx.Module):
         self.kernel = nnx.Param(torch_default_init(rngs.params(), (3, 3, 1, channels)))
         self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, C) -> (B, H, W, C)."""
-        kernel = self.kernel[...][:, :, 0].astype(x.dtype)
-        return depthwise_conv(x, kernel) + self.bias[...].astype(x.dtype)
+    def __call__(self, x: jax.Array, channels: slice = slice(None)) -> jax.Array:
+        """(B, H, W, C) -> (B, H, W, C); with `channels`, x holds only those channels and only
+        they are filtered."""
+        kernel = self.kernel[...][:, :, 0, channels].astype(x.dtype)
+        return depthwise_conv(x, kernel) + self.bias[...][channels].astype(x.dtype)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgdn_jax.layers import DepthwiseConv3x3, conv
+from mgdn_jax.layers import DepthwiseConv3x3, conv, softmax, tied
 
 NORM_EPS = 1e-12
 
@@ -16,7 +16,7 @@ def inverse_norm(x: jax.Array, axis: int = -1, eps: float = NORM_EPS) -> jax.Arr
 
     Written as rsqrt(max(sum(x^2), eps^2)) so the gradient stays finite at x = 0.
     """
-    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)  # square's derivative would keep a 2x copy
     return jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
@@ -45,19 +45,29 @@ class MGCA(nnx.Module):
         Computed without moving pixels to a minor axis: the full (C, C) Gram matrix q^T k over
         pixels is one matmul, the per-channel norms rescale it (equal to normalising q and k
         first), and its diagonal head blocks give the attention, applied back to v as a
-        block-diagonal (C, C) matrix.
+        block-diagonal (C, C) matrix. Recomputed in the backward pass from the two inputs
+        (`tied(remat=True)`), which the stage keeps anyway, rather than keeping its q, k and v.
         """
+        return tied(self, MGCA._attend, remat=True)(guide, other)
+
+    def _attend(self, guide: jax.Array, other: jax.Array) -> jax.Array:
         b, h, w, c = guide.shape
         heads, per_head = self.num_heads, c // self.num_heads
         q = self.q_dwconv(self.q(guide)).reshape(b, h * w, c)
-        k, v = jnp.split(self.kv_dwconv(self.kv(other)).reshape(b, h * w, 2 * c), 2, axis=-1)
+        k = self._kv(other, slice(0, c)).reshape(b, h * w, c)
         gram = jnp.einsum("bpc,bpd->bcd", q, k)
         inv_q = inverse_norm(q, axis=1)  # (B, 1, C)
         inv_k = inverse_norm(k, axis=1)
         gram = gram * inv_q.transpose(0, 2, 1) * inv_k
         blocks = gram.reshape(b, heads, per_head, heads, per_head)
         blocks = jnp.einsum("bhchd->bhcd", blocks)
-        attn = jax.nn.softmax(blocks * self.temperature[None, :, None, None], axis=-1)
+        attn = softmax(blocks * self.temperature[None, :, None, None])
         block_diag = jnp.einsum("bhcd,hg->bhcgd", attn, jnp.eye(heads, dtype=attn.dtype))
+        v = self._kv(other, slice(c, 2 * c)).reshape(b, h * w, c)
         out = jnp.einsum("bpd,bcd->bpc", v, block_diag.reshape(b, c, c))
         return self.project_out(out.reshape(b, h, w, c))
+
+    def _kv(self, other: jax.Array, channels: slice) -> jax.Array:
+        """The k (first C) or v (last C) channels of dw3x3(conv1x1(other)), computed apart so
+        that the 2C-wide map never exists: (B, H, W, C) -> (B, H, W, C)."""
+        return self.kv_dwconv(self.kv(other, outputs=channels), channels=channels)

@@ -52,11 +52,9 @@ class FusionStage(nnx.Module):
         transformer block in the backward pass."""
         if filtered is None:
             filtered = checkpointed(self.mgdf, remat)(xs)
-        x = self.merge(jnp.concatenate(filtered, axis=-1))
+        x = self.merge(filtered)
         context = self.dilated_conv(self.transformer(x, remat))
-        return [
-            out(jnp.concatenate([context, f], axis=-1)) for out, f in zip(self.out_convs, filtered)
-        ]
+        return [out([context, f]) for out, f in zip(self.out_convs, filtered)]
 
 
 class MGDN(nnx.Module):

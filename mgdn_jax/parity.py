@@ -24,6 +24,7 @@ from flax import nnx
 from mgdn_jax import runtime
 from mgdn_jax.convert import load_weights, module_path
 from mgdn_jax.errors import UserError, run_cli
+from mgdn_jax.layers import untied
 from mgdn_jax.model import MGDN
 from mgdn_jax.variants import VARIANTS
 
@@ -63,9 +64,10 @@ def _row(name: str, ours: np.ndarray | None, ref: np.ndarray) -> Row:
 def compare(model: MGDN, activations: dict[str, np.ndarray]) -> list[Row]:
     """Runs `model` on the recorded inputs and compares every recorded array."""
     inputs = [jnp.asarray(activations[f"input{i}"]) for i in range(model.num_inputs)]
-    output, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
-        *inputs
-    )
+    with untied():
+        output, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+            *inputs
+        )
     flat = {
         ".".join(str(p) for p in path[:-1]): var.get_value()
         for path, var in nnx.to_flat_state(captured)

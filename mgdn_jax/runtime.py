@@ -5,6 +5,7 @@ Call `configure()` before the first computation: it must run before the XLA back
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -26,3 +27,16 @@ def configure() -> None:
     cache = os.environ.get("MGDN_JAX_CACHE", str(Path.home() / ".cache" / "mgdn_jax"))
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def release_memory() -> None:
+    """Hands freed heap memory back to the operating system (glibc's `malloc_trim`); a no-op
+    without glibc. XLA's compiler frees hundreds of MB that glibc keeps mapped otherwise:
+    1.64 GB resident after compiling the MFF training step, 0.75 GB after trimming. Call it
+    after compiling, before the compiled program first runs."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mgdn_jax import checkpoint, evaluate, input_pipeline
+from mgdn_jax import checkpoint, evaluate, input_pipeline, runtime
 from mgdn_jax.losses import default_loss_config, task_loss
 from mgdn_jax.model import build_model
 
@@ -474,6 +474,7 @@ def _compile_on_all_processes(
     collectives (gloo) fail when the processes reach their first collective more than 30 s
     apart, and compile times differ."""
     compiled = train_step.lower(state, batch).compile()
+    runtime.release_memory()
     checkpoint.barrier("train step compiled")
     return compiled
 

@@ -7,11 +7,149 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgdn_jax.layers import checkpointed, conv
+from mgdn_jax.layers import checkpointed, conv, leaky_relu, recomputed, softmax, tied
 
 MASK_VALUE = -100.0
 LN_EPS = 1e-5
 _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+@jax.custom_vjp
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """LayerNorm over the last axis as PyTorch computes it (biased variance, eps `LN_EPS`):
+    (..., C), (C,), (C,) -> (..., C) in x's dtype, statistics in float32.
+
+    The backward pass is written out and keeps only x and the (..., 1) mean and inverse
+    deviation: differentiating the forward would keep four (..., C) intermediates per norm.
+    """
+    return _layer_norm_fwd(x, scale, bias)[0]
+
+
+def _normalise(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(x - mean) / sqrt(var + eps) in float32 (float64 for float64 x), with the (..., 1) mean
+    and 1 / sqrt(var + eps)."""
+    x = x.astype(_acc(x.dtype))
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + LN_EPS)
+    return centred * rstd, mean, rstd
+
+
+def _acc(dtype: jnp.dtype) -> jnp.dtype:
+    """The accumulation dtype for `dtype`: float32, or float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _affine(xhat: jax.Array, scale: jax.Array, bias: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    acc = xhat.dtype
+    return (xhat * scale.astype(acc) + bias.astype(acc)).astype(dtype)
+
+
+def _layer_norm_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array) -> tuple[jax.Array, tuple]:
+    xhat, mean, rstd = _normalise(x)
+    return _affine(xhat, scale, bias, x.dtype), (x, mean, rstd, scale)
+
+
+def _sum_rows(a: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """(..., C) -> (C,) sum over every other axis, accumulated in float32 or wider."""
+    return jnp.sum(a.reshape(-1, a.shape[-1]), axis=0, dtype=_acc(a.dtype)).astype(dtype)
+
+
+def _layer_norm_grads(
+    x: jax.Array, mean: jax.Array, rstd: jax.Array, scale: jax.Array, g: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """d x, d scale, d bias of `layer_norm` for the output cotangent g."""
+    acc = mean.dtype
+    g = g.astype(acc)
+    xhat = (x.astype(acc) - mean) * rstd
+    gx = g * scale.astype(acc)
+    dx = rstd * (
+        gx
+        - jnp.mean(gx, axis=-1, keepdims=True)
+        - xhat * jnp.mean(gx * xhat, axis=-1, keepdims=True)
+    )
+    return dx.astype(x.dtype), _sum_rows(g * xhat, scale.dtype), _sum_rows(g, scale.dtype)
+
+
+def _layer_norm_bwd(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return _layer_norm_grads(*recomputed(g, *residuals), g)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.Module):
+    """`layer_norm` with learned scale (init 1) and bias (init 0), named as `nnx.LayerNorm`
+    names them."""
+
+    def __init__(self, dim: int):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(..., C) -> (..., C)."""
+        return tied(self, LayerNorm._normalised)(x)
+
+    def _normalised(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.scale[...], self.bias[...])
+
+
+_SQRT_HALF = 0.5**0.5
+_INV_SQRT_2PI = (2 * np.pi) ** -0.5
+
+
+def _gelu_parts(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Exact GELU of h and its derivative, in float32 or wider: (h * Phi(h), Phi(h) + h phi(h))."""
+    h = h.astype(_acc(h.dtype))
+    cdf = jax.lax.erfc(-h * _SQRT_HALF) / 2
+    pdf = jnp.exp(-0.5 * jnp.square(h)) * _INV_SQRT_2PI
+    return h * cdf, cdf + h * pdf
+
+
+# (norm scale, norm bias, w1, b1, w2, b2) of `norm_mlp`.
+MlpParams = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+
+
+@jax.custom_vjp
+def norm_mlp(t: jax.Array, params: MlpParams) -> jax.Array:
+    """The pre-norm MLP branch, Linear -> exact (erf) GELU -> Linear on `layer_norm(t)`:
+    (..., C) -> (..., C); params = (scale (C,), bias (C,), w1 (C, hidden), b1 (hidden,),
+    w2 (hidden, C), b2 (C,)).
+
+    The backward pass keeps only t and its norm statistics and recomputes the normed input
+    and the hidden layer (one C x hidden matmul): differentiating the forward would keep the
+    normed input, the hidden pre-activation, the GELU's output and three of its
+    intermediates, five of them of the hidden width.
+    """
+    return _norm_mlp_fwd(t, params)[0]
+
+
+def _norm_mlp_fwd(t: jax.Array, params: MlpParams) -> tuple[jax.Array, tuple]:
+    scale, bias, w1, b1, w2, b2 = params
+    x, (_, mean, rstd, _) = _layer_norm_fwd(t, scale, bias)
+    y = jax.nn.gelu(x @ w1 + b1, approximate=False) @ w2 + b2
+    return y, (t, mean, rstd, params)
+
+
+def _norm_mlp_bwd(residuals: tuple, g: jax.Array) -> tuple[jax.Array, MlpParams]:
+    t, mean, rstd, params = recomputed(g, *residuals)
+    scale, bias, w1, b1, w2, b2 = params
+    x = _affine((t.astype(mean.dtype) - mean) * rstd, scale, bias, t.dtype)
+    h = x @ w1 + b1
+    activation, slope = _gelu_parts(h)
+    dh = ((g @ w2.T).astype(slope.dtype) * slope).astype(h.dtype)
+    dw2 = _rows(activation.astype(h.dtype)).T @ _rows(g)
+    dw1 = _rows(x).T @ _rows(dh)
+    dt, dscale, dbias = _layer_norm_grads(t, mean, rstd, scale, dh @ w1.T)
+    return dt, (dscale, dbias, dw1, _sum_rows(dh, b1.dtype), dw2, _sum_rows(g, b2.dtype))
+
+
+def _rows(a: jax.Array) -> jax.Array:
+    """(..., C) -> (N, C)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+norm_mlp.defvjp(_norm_mlp_fwd, _norm_mlp_bwd)
 
 
 def window_partition(x: jax.Array, window: int) -> jax.Array:
@@ -52,12 +190,14 @@ def shift_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
 
 
 class WindowAttention(nnx.Module):
-    """Multi-head self-attention inside windows with a learned relative position bias."""
+    """Multi-head self-attention inside the (shifted) windows of a map, with a learned relative
+    position bias and, when shifted, Swin's mask."""
 
-    def __init__(self, dim: int, window: int, num_heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, window: int, num_heads: int, shift: int, *, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by its {num_heads} heads")
         self.window = window
+        self.shift = shift
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nnx.Param(
@@ -65,6 +205,19 @@ class WindowAttention(nnx.Module):
         )
         self.qkv = nnx.Linear(dim, 3 * dim, kernel_init=_trunc_normal, rngs=rngs)
         self.proj = nnx.Linear(dim, dim, kernel_init=_trunc_normal, rngs=rngs)
+
+    def on_map(self, u: jax.Array) -> jax.Array:
+        """(B, H, W, C) -> (B, H, W, C): cyclic shift by -shift, attention in windows, shift
+        back. The block recomputes it in the backward pass from u (`tied(remat=True)`):
+        keeping q, k, v, the attention probabilities and the attended values would cost about
+        six maps."""
+        _, h, w, _ = u.shape
+        s = self.shift
+        if s:
+            u = jnp.roll(u, (-s, -s), axis=(1, 2))
+        mask = jnp.asarray(shift_mask(h, w, self.window, s), u.dtype) if s else None
+        out = window_merge(self(window_partition(u, self.window), mask), self.window, h, w)
+        return jnp.roll(out, (s, s), axis=(1, 2)) if s else out
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """(B * nW, N, C) windows, optional (nW, N, N) mask -> (B * nW, N, C).
@@ -82,25 +235,31 @@ class WindowAttention(nnx.Module):
         logits = jnp.einsum("bhnd,bhmd->bhnm", q * self.scale, k)
         index = relative_position_index(self.window).reshape(-1)
         bias = self.relative_position_bias_table[index].reshape(n, n, -1).transpose(2, 0, 1)
-        logits = logits + bias[None]
+        logits = logits + bias[None].astype(x.dtype)
         if mask is not None:
             nw = mask.shape[0]
             logits = logits.reshape(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]
             logits = logits.reshape(bw, self.num_heads, n, n)
-        out = jnp.einsum("bhnm,bhmd->bhnd", jax.nn.softmax(logits, axis=-1), v)
+        out = jnp.einsum("bhnm,bhmd->bhnd", softmax(logits), v)
         proj = self.proj.kernel[...].astype(x.dtype).reshape(heads, c // heads, c)
         return jnp.einsum("bhnd,hdo->bno", out, proj) + self.proj.bias[...].astype(x.dtype)
 
 
 class Mlp(nnx.Module):
-    """Linear -> exact GELU -> Linear."""
+    """Linear -> exact GELU -> Linear, applied to a LayerNorm of its input (`norm_mlp`)."""
 
     def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
         self.fc1 = nnx.Linear(dim, hidden, kernel_init=_trunc_normal, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, dim, kernel_init=_trunc_normal, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    def __call__(self, t: jax.Array, norm_scale: jax.Array, norm_bias: jax.Array) -> jax.Array:
+        """(..., C) t and the (C,) scale and bias of the norm before the MLP -> (..., C)."""
+        return tied(self, Mlp._forward)(t, norm_scale, norm_bias)
+
+    def _forward(self, t: jax.Array, norm_scale: jax.Array, norm_bias: jax.Array) -> jax.Array:
+        linears = (self.fc1.kernel, self.fc1.bias, self.fc2.kernel, self.fc2.bias)
+        params = (norm_scale, norm_bias, *(p[...].astype(t.dtype) for p in linears))
+        return norm_mlp(t, params)
 
 
 class LocalContext(nnx.Module):
@@ -120,8 +279,13 @@ class LocalContext(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """(B, H, W, C) -> (B, H, W, C)."""
-        y = jax.nn.leaky_relu(self.expand(self.spatial(self.reduce(x))), 0.2)
+        """(B, H, W, C) -> (B, H, W, C); recomputed in the backward pass from x
+        (`tied(remat=True)`): its C//8-wide convolutions are cheap, its C-wide activation is
+        not worth keeping."""
+        return tied(self, LocalContext._branch, remat=True)(x)
+
+    def _branch(self, x: jax.Array) -> jax.Array:
+        y = leaky_relu(self.expand(self.spatial(self.reduce(x))), 0.2)
         gate = jnp.mean(y, axis=(1, 2), keepdims=True)
         gate = jax.nn.sigmoid(self.gate_expand(jax.nn.relu(self.gate_reduce(gate))))
         return y * gate
@@ -134,28 +298,17 @@ class ContextAwareTransformerBlock(nnx.Module):
     def __init__(
         self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float, *, rngs: nnx.Rngs
     ):
-        self.window = window
-        self.shift = shift
-        self.norm1 = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
-        self.attn = WindowAttention(dim, window, num_heads, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
+        self.norm1 = LayerNorm(dim)
+        self.attn = WindowAttention(dim, window, num_heads, shift, rngs=rngs)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs)
         self.local = LocalContext(dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C); H and W must be multiples of the window."""
-        b, h, w, c = x.shape
         u = self.norm1(x)
-        shifted = jnp.roll(u, (-self.shift, -self.shift), axis=(1, 2)) if self.shift else u
-        mask = (
-            jnp.asarray(shift_mask(h, w, self.window, self.shift), u.dtype) if self.shift else None
-        )
-        attn = self.attn(window_partition(shifted, self.window), mask)
-        attn = window_merge(attn, self.window, h, w)
-        if self.shift:
-            attn = jnp.roll(attn, (self.shift, self.shift), axis=(1, 2))
-        t = x + attn
-        t = t + self.mlp(self.norm2(t))
+        t = x + tied(self.attn, WindowAttention.on_map, remat=True)(u)
+        t = t + self.mlp(t, self.norm2.scale[...], self.norm2.bias[...])
         return t + self.local(u)
 
 

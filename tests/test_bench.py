@@ -133,7 +133,8 @@ def test_model_bench(bench, tmp_path):
         "ok",
     )
     positive(row, "compile_s", "median_s", "xla_mflop_px", "release_gflops", "xla_gflops")
-    positive(row, "release_peak_pct", "xla_peak_pct", "temp_mb", "peak_rss_mb")
+    positive(row, "release_peak_pct", "xla_peak_pct", "temp_mb", "peak_rss_mb", "run_peak_rss_mb")
+    assert row["run_peak_rss_mb"] <= row["peak_rss_mb"]
     assert row["release_mflop_px"] == 0.39
     assert row["xla_peak_pct"] == pytest.approx(100 * row["xla_gflops"] / peaks["float32"])
 
@@ -181,7 +182,7 @@ def test_train_step_bench(bench, tmp_path):
     (row,) = payload["rows"]
     assert (row["variant"], row["batch"], row["patch"], row["status"]) == ("mff", 1, 16, "ok")
     positive(row, "compile_s", "s_per_step", "steps_per_s", "images_per_s", "xla_gflop_step")
-    positive(row, "loss", "temp_mb", "peak_rss_mb", "xla_gflops", "peak_pct")
+    positive(row, "loss", "temp_mb", "peak_rss_mb", "run_peak_rss_mb", "xla_gflops", "peak_pct")
     peak = payload["matmul"]["matmul_gflops"]["float32"]
     assert row["peak_pct"] == pytest.approx(100 * row["xla_gflops"] / peak)
 

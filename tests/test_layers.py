@@ -1,5 +1,6 @@
-"""The hand-written backward passes of `mgdn_jax.layers` against JAX's own differentiation of
-the same functions, and rematerialisation leaving the model's gradients unchanged."""
+"""The hand-written backward passes of `mgdn_jax.layers` and `mgdn_jax.transformer` against
+JAX's own differentiation of the same functions, and rematerialisation leaving the model's
+gradients unchanged."""
 
 from __future__ import annotations
 
@@ -10,8 +11,22 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from mgdn_jax.layers import _conv, _depthwise, conv2d, depthwise_conv
+from mgdn_jax.layers import (
+    Conv,
+    DepthwiseConv3x3,
+    _conv,
+    _depthwise,
+    conv2d,
+    depthwise_conv,
+    grads_together,
+    leaky_relu,
+    lrelu,
+    recomputed,
+    softmax,
+    tied,
+)
 from mgdn_jax.model import build_model
+from mgdn_jax.transformer import LN_EPS, layer_norm, norm_mlp
 from mgdn_jax.variants import model_config
 
 
@@ -62,3 +77,130 @@ def test_remat_keeps_outputs_and_gradients():
     np.testing.assert_allclose(plain[0], remat[0], rtol=1e-6)
     for got, want in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(plain[1])):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _assert_same_grads(fn, reference, *args):
+    """Values, then gradients of a random projection of the output, in float64."""
+    np.testing.assert_allclose(fn(*args), reference(*args), rtol=1e-12, atol=1e-12)
+    for got, want in zip(_grads(fn, *args), _grads(reference, *args)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def _plain_layer_norm(x, scale, bias):
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + LN_EPS) * scale + bias
+
+
+def test_layer_norm_matches_definition_and_autodiff():
+    with jax.enable_x64(True):
+        x, scale, bias = _random((2, 5, 4, 6), 10), _random((6,), 11), _random((6,), 12)
+        _assert_same_grads(layer_norm, _plain_layer_norm, x * 3 + 1, scale, bias)
+        check_grads(layer_norm, (x, scale, bias), order=1, modes=("rev",))
+
+
+def test_norm_mlp_matches_definition_and_autodiff():
+    def plain(t, *params):
+        scale, bias, w1, b1, w2, b2 = params
+        h = _plain_layer_norm(t, scale, bias) @ w1 + b1
+        return jax.nn.gelu(h, approximate=False) @ w2 + b2
+
+    def ours(t, *params):
+        return norm_mlp(t, params)
+
+    shapes = [(2, 3, 4, 5), (5,), (5,), (5, 7), (7,), (7, 5), (5,)]
+    with jax.enable_x64(True):
+        args = [_random(shape, 20 + i) for i, shape in enumerate(shapes)]
+        _assert_same_grads(ours, plain, *args)
+        check_grads(ours, tuple(args), order=1, modes=("rev",))
+
+
+def test_softmax_and_leaky_relu_match_autodiff():
+    with jax.enable_x64(True):
+        x = _random((3, 4, 7), 30) * 4
+        _assert_same_grads(softmax, lambda a: jax.nn.softmax(a, axis=-1), x)
+        for slope in (0.1, 0.2):
+            _assert_same_grads(
+                lambda a, s=slope: leaky_relu(a, s),
+                lambda a, s=slope: jax.nn.leaky_relu(a, s),
+                x,
+            )
+    with pytest.raises(ValueError, match="positive slope"):
+        lrelu(0.0)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_grads_together_keeps_values_and_gradients(remat: bool):
+    def fn(inputs, params):
+        x, y = inputs
+        w, b = params
+        return jnp.tanh(x @ w + b) * y
+
+    with jax.enable_x64(True):
+        inputs = (_random((6, 3), 40), _random((6, 4), 41))
+        params = (_random((3, 4), 42), _random((4,), 43))
+        tied_fn = grads_together(fn, remat)
+        _assert_same_grads(
+            lambda x, y, w, b: tied_fn((x, y), (w, b)),
+            lambda x, y, w, b: fn((x, y), (w, b)),
+            *inputs,
+            *params,
+        )
+
+
+def test_recomputed_returns_the_residuals():
+    x, y = _random((4, 3), 50), _random((2,), 51)
+    got = recomputed(_random((5,), 52), x, y)
+    for a, b in zip(got, (x, y)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_tied_module_matches_plain_call(remat: bool):
+    conv = Conv(5, 4, 3, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(conv)
+    x = _random((2, 6, 6, 5), 60).astype(jnp.float32)
+
+    def loss(p, wrap):
+        module = nnx.merge(graphdef, p)
+        return jnp.sum(jnp.sin(wrap(module)(x)))
+
+    plain = jax.grad(loss)(params, lambda m: m)
+    wrapped = jax.grad(loss)(params, lambda m: tied(m, remat=remat))
+    for got, want in zip(jax.tree.leaves(wrapped), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_of_a_sequence_equals_conv_of_concatenation():
+    conv = Conv(7, 4, 1, rngs=nnx.Rngs(1))
+    graphdef, params = nnx.split(conv)
+    a, b = _random((2, 5, 5, 3), 70), _random((2, 5, 5, 4), 71)
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    np.testing.assert_allclose(
+        conv([a, b]), conv(jnp.concatenate([a, b], -1)), rtol=1e-5, atol=1e-6
+    )
+
+    def loss(p, split):
+        module = nnx.merge(graphdef, p)
+        y = module([a, b]) if split else module(jnp.concatenate([a, b], -1))
+        return jnp.sum(jnp.cos(y))
+
+    for got, want in zip(*(jax.tree.leaves(jax.grad(loss)(params, s)) for s in (True, False))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        conv([a, a])
+    with pytest.raises(ValueError, match="1x1"):
+        Conv(3, 3, 3, rngs=nnx.Rngs(2))([a])
+
+
+def test_conv_and_depthwise_output_channel_slices():
+    conv = Conv(5, 6, 3, rngs=nnx.Rngs(3))
+    x = _random((2, 6, 6, 5), 80).astype(jnp.float32)
+    np.testing.assert_allclose(conv(x, outputs=slice(2, 5)), conv(x)[..., 2:5], rtol=1e-6)
+    depthwise = DepthwiseConv3x3(6, rngs=nnx.Rngs(4))
+    y = _random((2, 6, 6, 6), 81).astype(jnp.float32)
+    np.testing.assert_allclose(
+        depthwise(y[..., 3:], channels=slice(3, 6)), depthwise(y)[..., 3:], rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="every output channel"):
+        Conv(6, 4, 1, rngs=nnx.Rngs(5))([y[..., :3], y[..., 3:]], outputs=slice(0, 2))

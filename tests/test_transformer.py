@@ -82,7 +82,7 @@ def test_shift_mask(h, w, window, shift):
 
 def test_group_shifts_odd_blocks():
     group = nnx.eval_shape(lambda: TransformerGroup(16, 5, 2, 8, 2.0, rngs=nnx.Rngs(0)))
-    assert [block.shift for block in group.blocks] == [0, 4, 0, 4, 0]
+    assert [block.attn.shift for block in group.blocks] == [0, 4, 0, 4, 0]
 
 
 def random_block(dim, heads, window, shift, mlp_ratio, rng) -> ContextAwareTransformerBlock:
@@ -129,7 +129,7 @@ def numpy_block(block: ContextAwareTransformerBlock, x: np.ndarray, heads: int) 
         )
         return out + p(f"{name}.bias")
 
-    window, shift = block.window, block.shift
+    window, shift = block.attn.window, block.attn.shift
     b, h, w, c = x.shape
     d = c // heads
     x = x.astype(np.float64)
