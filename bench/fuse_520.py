@@ -4,8 +4,10 @@
 
 Prints a Markdown table: compile time, steady-state seconds per pair, effective GFLOP/s from
 the release's counted 0.39 MFLOP per output pixel (at the padded 528x528 size), and the
-process's peak RSS (compilation included). Uses the official weights from ../shared (converted
-in a child process, so torch is not loaded here) when present, else random ones.
+process's peak RSS (compilation included) and its peak RSS while the compiled forward pass
+runs (after compilation, whose freed memory `jit_forward` returns to the OS). Uses the
+official weights from ../shared (converted in a child process, so torch is not loaded here)
+when present, else random ones.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import jax
 import numpy as np
 
@@ -64,6 +66,7 @@ def main() -> None:
     start = time.perf_counter()
     run(forward, [a, b], model.window_size)
     first = time.perf_counter() - start
+    common.reset_peak_rss()
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -77,7 +80,7 @@ def main() -> None:
         "compile_s": first - steady,
         "seconds_per_pair": steady,
         "effective_gflops": gflop / steady,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **common.peak_memory(),
     }
     print("| " + " | ".join(result) + " |")
     print("|" + "---|" * len(result))

@@ -52,6 +52,7 @@ COLUMNS = [
     common.Column("xla_fp32_peak_pct", "% fp32 peak (XLA)", "{:.1f}"),
     common.Column("temp_mb", "XLA temp MB", "{:.0f}"),
     common.Column("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    common.Column("run_peak_rss_mb", "run peak RSS MB", "{:.0f}"),
     common.Column("device_peak_mb", "device peak MB", "{:.0f}"),
     common.Column("status", "status"),
 ]
@@ -121,7 +122,10 @@ def markdown(payload: dict[str, Any]) -> str:
             "against float32 at the highest precision). FLOPs per "
             "output pixel (H×W of the input): the release's PyTorch count (ARCHITECTURE.md; "
             "none for GDSR ×16) and XLA's count of the compiled program (`cost_analysis()`, "
-            "elementwise work included). Peak RSS / device peak: " + isolation + ".",
+            "elementwise work included). Peak RSS / device peak: "
+            + isolation
+            + "; peak RSS includes compilation, run peak RSS is the peak while the compiled "
+            "program runs (after the compiler's freed memory is returned, as `mgdn-fuse` does).",
             common.markdown_table(payload["rows"], COLUMNS),
         ]
     )

@@ -69,6 +69,7 @@ COLUMNS = [
     common.Column("peak_pct", "% peak", "{:.1f}"),
     common.Column("fp32_peak_pct", "% fp32 peak", "{:.1f}"),
     common.Column("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    common.Column("run_peak_rss_mb", "run peak RSS MB", "{:.0f}"),
     common.Column("device_peak_mb", "device peak MB", "{:.0f}"),
     common.Column("status", "status"),
 ]
@@ -192,7 +193,9 @@ def markdown(payload: dict[str, Any]) -> str:
             "FLOPs (ARCHITECTURE.md); shares of the peaks use the larger of the two; "
             + common.peaks_line(payload["matmul"])
             + " (% peak: against the row's dtype at the default precision; % fp32 peak: "
-            f"against float32 at the highest precision). Peak RSS / device peak: {isolation}. "
+            f"against float32 at the highest precision). Peak RSS / device peak: {isolation}; "
+            "peak RSS includes compilation, run peak RSS is the peak while the compiled program "
+            "runs (after the compiler's freed memory is returned, as `train.py` does). "
             f"Config overrides: {overrides}.",
             common.markdown_table(payload["rows"], COLUMNS),
         ]
