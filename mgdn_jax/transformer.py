@@ -17,7 +17,7 @@ _trunc_normal = nnx.initializers.truncated_normal(stddev=0.02)
 @jax.custom_vjp
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
     """LayerNorm over the last axis as PyTorch computes it (biased variance, eps `LN_EPS`):
-    (..., C), (C,), (C,) -> (..., C) in x's dtype, statistics in float32.
+    (..., C), (C,), (C,) -> (..., C) in x's dtype, statistics in float32 (float64 for float64 x).
 
     The backward pass is written out and keeps only x and the (..., 1) mean and inverse
     deviation: differentiating the forward would keep four (..., C) intermediates per norm.
