@@ -29,7 +29,9 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from mgdn_jax.layers import recomputed
 from mgdn_jax.metrics import HIGHEST, mu_law, ssim
 
 TASKS = ("mff", "mef", "hdr", "gdsr")
@@ -176,15 +178,15 @@ def _tap_radius(bins: int, bandwidth: float) -> int:
     return min(bins - 1, max(1, r))
 
 
-def _soft_bins(u: jax.Array, bins: int, bandwidth: float, scale: jax.Array) -> jax.Array:
-    """(...,) values in (0, 1) -> (..., bins) Gaussian-kernel memberships summing to `scale`
-    (...,).
+def _taps(u: jax.Array, bins: int, bandwidth: float, scale: jax.Array) -> tuple[list, list]:
+    """(...,) values in (0, 1) -> the centres that carry weight and their Gaussian-kernel
+    memberships: 2 r + 1 (..., ) int32 centre indices (the nearest centre and `_tap_radius` r
+    neighbours on each side, clipped to [0, bins)) and as many (...,) weights summing to
+    `scale` (...,), 0 for the neighbours beyond either end.
 
     The kernel exp(-(u - centre)^2 / (2 bandwidth^2)), normalised over the centres, evaluated
-    only at the nearest centre and `_tap_radius` neighbours on each side (the others' weights
-    are negligible) and scattered into the dense (..., bins) array by comparison. The exponents
-    are shifted by the nearest centre's squared distance (the softmax's maximum, known without
-    a reduction).
+    only near the value (the others' weights are negligible). The exponents are shifted by the
+    nearest centre's squared distance (the softmax's maximum, known without a reduction).
     """
     nearest = jnp.clip(jnp.floor(u * bins), 0, bins - 1)
     shift = jnp.square(jax.lax.stop_gradient(u - (nearest + 0.5) / bins))
@@ -199,33 +201,78 @@ def _soft_bins(u: jax.Array, bins: int, bandwidth: float, scale: jax.Array) -> j
         for i in index
     ]
     norm = scale / sum(kernel)
-    centres = jnp.arange(bins, dtype=u.dtype)
-    return sum(
-        jnp.where(centres == i[..., None], (k * norm)[..., None], 0.0)
-        for i, k in zip(index, kernel)
-    )
+    return [jnp.clip(i, 0, bins - 1).astype(jnp.int32) for i in index], [k * norm for k in kernel]
+
+
+def _soft_bins(u: jax.Array, bins: int, bandwidth: float, scale: jax.Array) -> jax.Array:
+    """(...,) values in (0, 1) -> (..., bins) Gaussian-kernel memberships summing to `scale`
+    (...,): the `_taps` scattered into the dense array by comparison (a tap clipped onto an end
+    centre carries weight 0)."""
+    index, weight = _taps(u, bins, bandwidth, scale)
+    centres = jnp.arange(bins, dtype=jnp.int32)
+    return sum(jnp.where(centres == i[..., None], w[..., None], 0.0) for i, w in zip(index, weight))
 
 
 def _entropy(p: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return -jnp.sum(p * jnp.log(p + ENTROPY_EPS), axis=axes)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _soft_joint(
+    u1: jax.Array, u2: jax.Array, weight: jax.Array, bins: int, bandwidth: float
+) -> jax.Array:
+    """(B, N) values in (0, 1) of two maps, (B, N) pixel weights -> (B, bins, bins) weighted
+    soft joint counts sum_n weight_n a_nk b_nl (a, b the `_soft_bins` memberships).
+
+    Forward: the dense memberships and one matmul. Backward: each membership has only 2 r + 1
+    non-zeros, so d count / d a_nk is needed at those centres only, sum_l G_kl b_nl over the
+    2 r + 1 non-zero b_nl: (2 r + 1)^2 gathers from the (bins, bins) cotangent G per pixel, not
+    the two dense (B, N, bins) x (bins, bins) matmuls and membership scatters that
+    differentiating the forward costs.
+    """
+    p1 = _soft_bins(u1, bins, bandwidth, weight)
+    p2 = _soft_bins(u2, bins, bandwidth, jnp.ones_like(u2))
+    return jnp.einsum("bnk,bnl->bkl", p1, p2, precision=HIGHEST)
+
+
+def _soft_joint_fwd(
+    u1: jax.Array, u2: jax.Array, weight: jax.Array, bins: int, bandwidth: float
+) -> tuple[jax.Array, tuple]:
+    return _soft_joint(u1, u2, weight, bins, bandwidth), (u1, u2, weight)
+
+
+def _soft_joint_bwd(bins: int, bandwidth: float, residuals: tuple, g: jax.Array) -> tuple:
+    u1, u2, weight = recomputed(g, *residuals)
+    (i1, a), pull1 = jax.vjp(lambda u, s: _taps(u, bins, bandwidth, s), u1, weight)
+    (i2, b), pull2 = jax.vjp(lambda u: _taps(u, bins, bandwidth, jnp.ones_like(u)), u2)
+    rows = jnp.arange(g.shape[0], dtype=jnp.int32)[:, None] * (bins * bins)
+    flat = g.reshape(-1)
+    da = [jnp.zeros_like(u1)] * len(a)
+    db = [jnp.zeros_like(u2)] * len(b)
+    for k, (ik, ak) in enumerate(zip(i1, a)):
+        for m, (im, bm) in enumerate(zip(i2, b)):
+            gkm = jnp.take(flat, rows + ik * bins + im, mode="clip")
+            da[k] = da[k] + gkm * bm
+            db[m] = db[m] + gkm * ak
+    zero = [np.zeros(i.shape, jax.dtypes.float0) for i in i1]
+    du1, dweight = pull1((zero, da))
+    (du2,) = pull2((zero, db))
+    return du1, du2, dweight
+
+
+_soft_joint.defvjp(_soft_joint_fwd, _soft_joint_bwd)
+
+
 def _joint_histograms(
     u1: jax.Array, u2: jax.Array, weight: jax.Array, bins: int, bandwidth: float
 ) -> jax.Array:
     """(C, B, N) values in (0, 1) of two maps, (B, N) pixel weights -> (B, C, bins, bins)
-    weighted soft joint counts, one channel at a time: the (B, N, bins) memberships of a channel
-    are recomputed, not stored, for the backward pass, and the batch axis (which a data-parallel
+    weighted soft joint counts (`_soft_joint`), one channel at a time so that only one
+    channel's (B, N, bins) memberships exist at once; the batch axis (which a data-parallel
     mesh splits) stays a plain array axis."""
-
-    @jax.checkpoint
-    def channel(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-        a, b = args
-        p1 = _soft_bins(a, bins, bandwidth, weight)
-        p2 = _soft_bins(b, bins, bandwidth, jnp.ones_like(b))
-        return jnp.einsum("bnk,bnl->bkl", p1, p2, precision=HIGHEST)
-
-    return jax.lax.map(channel, (u1, u2)).transpose(1, 0, 2, 3)
+    return jax.lax.map(
+        lambda args: _soft_joint(*args, weight, bins, bandwidth), (u1, u2)
+    ).transpose(1, 0, 2, 3)
 
 
 def _masked_nmi(
@@ -268,8 +315,9 @@ def masked_nmi(
     The kernel blurs the joint histogram, so identical (or affinely related) maps score below 1:
     about 0.87 at the default 32 bins / quarter-bin bandwidth, tending to 1 as the bandwidth
     shrinks. Independent maps score above 0 by the finite-sample bias: about 0.03 with 4096
-    counted pixels, 0.3 with 256. The memberships ((B, H W, bins) per channel and map) are
-    computed one channel at a time and recomputed in the backward pass rather than kept.
+    counted pixels, 0.3 with 256. The dense memberships ((B, H W, bins) per channel and map)
+    exist one channel at a time in the forward pass and not at all in the backward pass
+    (`_soft_joint`).
     """
     return _masked_nmi(f1, f2, weight, bins, bandwidth)
 
