@@ -16,7 +16,7 @@ from flax import nnx
 torch_default_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _depend_on(values: Any, scalar: jax.Array) -> Any:
+def depend_on(values: Any, scalar: jax.Array) -> Any:
     """`values` (a pytree of arrays) with 0 * `scalar` added to every floating leaf: equal
     values that XLA can only compute after `scalar`. (XLA:CPU removes optimization barriers
     before it schedules, and does not fold x * 0 for floats, which may be NaN.)"""
@@ -33,7 +33,7 @@ def recomputed(g: Any, *residuals: Any) -> tuple[Any, ...]:
     that recompute values from them: otherwise XLA merges the recomputation with the identical
     forward computation (`jax.checkpoint`'s barriers are gone by then) and keeps the forward
     intermediates alive until the backward pass."""
-    return _depend_on(residuals, jax.tree.leaves(g)[0].reshape(-1)[0])
+    return depend_on(residuals, jax.tree.leaves(g)[0].reshape(-1)[0])
 
 
 def grads_together(fn: Callable[[Any, Any], Any], remat: bool = False) -> Callable[[Any, Any], Any]:
@@ -45,7 +45,7 @@ def grads_together(fn: Callable[[Any, Any], Any], remat: bool = False) -> Callab
     (bias sums, norm-scale sums, kernel contractions) are not, and XLA:CPU's scheduler leaves
     many of them to the very end of the step (next to the gradient-norm and optimizer ops),
     keeping every layer's output cotangent and inputs alive until then. The input cotangents
-    get zero times the largest parameter-gradient entry added (`_depend_on`): a data
+    get zero times the largest parameter-gradient entry added (`depend_on`): a data
     dependency that costs one scalar per layer. (A non-finite parameter gradient makes the
     input gradients NaN, which a non-finite step reports either way.) The max, not a sum: XLA
     folds a sum of sums into one reduction of the layer's cotangent, which would leave the
@@ -74,7 +74,7 @@ def grads_together(fn: Callable[[Any, Any], Any], remat: bool = False) -> Callab
         largest = jnp.max(
             jnp.stack([jnp.max(p).astype(jnp.float32) for p in jax.tree.leaves(d_params)])
         )
-        return _depend_on(d_inputs, largest), d_params
+        return depend_on(d_inputs, largest), d_params
 
     together.defvjp(together_fwd, together_bwd)
     return together

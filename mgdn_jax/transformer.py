@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgdn_jax.layers import checkpointed, conv, leaky_relu, recomputed, softmax, tied
+from mgdn_jax.layers import checkpointed, conv, depend_on, leaky_relu, recomputed, softmax, tied
 
 MASK_VALUE = -100.0
 LN_EPS = 1e-5
@@ -174,19 +174,29 @@ def relative_position_index(window: int) -> np.ndarray:
     return rel[0] * (2 * window - 1) + rel[1]
 
 
-def shift_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
-    """(nW, w*w, w*w) additive mask for a cyclic shift on an (h, w) map: 0 between tokens of the
-    same region before the shift, `MASK_VALUE` otherwise."""
-    regions = np.zeros((1, h, w, 1), np.float32)
+def shift_regions(h: int, w: int, window: int, shift: int) -> np.ndarray:
+    """(nW, w*w) int32 label of each window token's region before a cyclic shift by `shift` on
+    an (h, w) map (Swin's nine regions)."""
+    regions = np.zeros((1, h, w, 1), np.int32)
     label = 0
     bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for hs in bounds:
         for ws in bounds:
             regions[:, hs, ws, :] = label
             label += 1
-    labels = np.asarray(window_partition(regions, window))[..., 0]
-    diff = labels[:, None, :] - labels[:, :, None]
-    return np.where(diff != 0, MASK_VALUE, 0.0).astype(np.float32)
+    return np.asarray(window_partition(regions, window))[..., 0]
+
+
+def region_mask(labels: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """(nW, N) region labels -> (nW, N, N) additive mask: 0 between tokens of the same region,
+    `MASK_VALUE` otherwise."""
+    return jnp.where(labels[:, :, None] != labels[:, None, :], MASK_VALUE, 0.0).astype(dtype)
+
+
+def shift_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
+    """(nW, w*w, w*w) additive mask for a cyclic shift on an (h, w) map (`region_mask` of
+    `shift_regions`)."""
+    return np.asarray(region_mask(shift_regions(h, w, window, shift), jnp.float32))
 
 
 class WindowAttention(nnx.Module):
@@ -213,9 +223,13 @@ class WindowAttention(nnx.Module):
         six maps."""
         _, h, w, _ = u.shape
         s = self.shift
+        mask = None
         if s:
             u = jnp.roll(u, (-s, -s), axis=(1, 2))
-        mask = jnp.asarray(shift_mask(h, w, self.window, s), u.dtype) if s else None
+            # Built after this block's input (a 0/1 scalar of it, so labels stay finite): a
+            # mask shared by the shifted blocks would stay alive in between (18 MB at 528^2).
+            labels = jnp.asarray(shift_regions(h, w, self.window, s), jnp.float32)
+            mask = region_mask(depend_on(labels, jnp.isnan(u[0, 0, 0, 0])), u.dtype)
         out = window_merge(self(window_partition(u, self.window), mask), self.window, h, w)
         return jnp.roll(out, (s, s), axis=(1, 2)) if s else out
 
