@@ -180,7 +180,7 @@ def _tap_radius(bins: int, bandwidth: float) -> int:
 
 def _taps(u: jax.Array, bins: int, bandwidth: float, scale: jax.Array) -> tuple[list, list]:
     """(...,) values in (0, 1) -> the centres that carry weight and their Gaussian-kernel
-    memberships: 2 r + 1 (..., ) int32 centre indices (the nearest centre and `_tap_radius` r
+    memberships: 2 r + 1 (...,) int32 centre indices (the nearest centre and `_tap_radius` r
     neighbours on each side, clipped to [0, bins)) and as many (...,) weights summing to
     `scale` (...,), 0 for the neighbours beyond either end.
 
