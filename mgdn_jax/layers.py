@@ -207,42 +207,33 @@ class Conv(nnx.Module):
         of (B, H, W, C_j) maps stands for their channel concatenation, which a 1x1 conv reads
         without building it (one matmul per map with its slice of the kernel, summed)."""
         if isinstance(x, jax.Array | np.ndarray):
-            return self._single(x, outputs)
-        if outputs != slice(None):
-            raise ValueError("a sequence of inputs gives every output channel")
-        xs = list(x)
-        if self.kernel.shape[0] != 1:
-            raise ValueError("a sequence of inputs needs a 1x1 convolution")
-        if sum(a.shape[-1] for a in xs) != self.kernel.shape[2]:
-            raise ValueError(
-                f"inputs have {[a.shape[-1] for a in xs]} channels; the conv takes "
-                f"{self.kernel.shape[2]} in all"
-            )
-
-        def apply(xs: list[jax.Array], params: tuple[jax.Array, jax.Array]) -> jax.Array:
-            kernel, bias = params
-            y, start = bias, 0
-            for a in xs:
-                y = y + jnp.einsum("bhwi,io->bhwo", a, kernel[0, 0, start : start + a.shape[-1]])
-                start += a.shape[-1]
-            return y
-
+            xs = [x]
+        else:
+            if outputs != slice(None):
+                raise ValueError("a sequence of inputs gives every output channel")
+            xs = list(x)
+            if self.kernel.shape[0] != 1:
+                raise ValueError("a sequence of inputs needs a 1x1 convolution")
+            if sum(a.shape[-1] for a in xs) != self.kernel.shape[2]:
+                raise ValueError(
+                    f"inputs have {[a.shape[-1] for a in xs]} channels; the conv takes "
+                    f"{self.kernel.shape[2]} in all"
+                )
+        kernel, bias = self.kernel[...][..., outputs], self.bias[...][outputs]
         dtype = xs[0].dtype
-        return grads_together(apply)(
-            xs, (self.kernel[...].astype(dtype), self.bias[...].astype(dtype))
-        )
+        return grads_together(self._apply)(xs, (kernel.astype(dtype), bias.astype(dtype)))
 
-    def _single(self, x: jax.Array, outputs: slice) -> jax.Array:
-        def apply(x: jax.Array, params: tuple[jax.Array, jax.Array]) -> jax.Array:
-            kernel, bias = params
-            if kernel.shape[0] == 1:
-                y = jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
-            else:
-                y = conv2d(x, kernel, self.dilation)
-            return y + bias
-
-        kernel = self.kernel[...][..., outputs].astype(x.dtype)
-        return grads_together(apply)(x, (kernel, self.bias[...][outputs].astype(x.dtype)))
+    def _apply(self, xs: list[jax.Array], params: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """The convolution of the maps' channel concatenation: a k x k conv of the one map, or
+        for 1x1 the bias plus one matmul per map with its rows of the kernel."""
+        kernel, bias = params
+        if kernel.shape[0] != 1:
+            return conv2d(xs[0], kernel, self.dilation) + bias
+        y, start = bias, 0
+        for a in xs:
+            y = y + jnp.einsum("bhwi,io->bhwo", a, kernel[0, 0, start : start + a.shape[-1]])
+            start += a.shape[-1]
+        return y
 
 
 def conv(
