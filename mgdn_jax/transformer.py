@@ -55,24 +55,30 @@ def _sum_rows(a: jax.Array, dtype: jnp.dtype) -> jax.Array:
     return jnp.sum(a.reshape(-1, a.shape[-1]), axis=0, dtype=_acc(a.dtype)).astype(dtype)
 
 
+def _normalise_with(x: jax.Array, mean: jax.Array, rstd: jax.Array) -> jax.Array:
+    """The normalised input (x - mean) * rstd from the kept statistics, in their dtype."""
+    return (x.astype(mean.dtype) - mean) * rstd
+
+
 def _layer_norm_grads(
-    x: jax.Array, mean: jax.Array, rstd: jax.Array, scale: jax.Array, g: jax.Array
+    xhat: jax.Array, rstd: jax.Array, scale: jax.Array, g: jax.Array, dtype: jnp.dtype
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """d x, d scale, d bias of `layer_norm` for the output cotangent g."""
-    acc = mean.dtype
+    """d x (in `dtype`), d scale, d bias of `layer_norm` for the output cotangent g, from the
+    normalised input xhat (`_normalise_with`)."""
+    acc = xhat.dtype
     g = g.astype(acc)
-    xhat = (x.astype(acc) - mean) * rstd
     gx = g * scale.astype(acc)
     dx = rstd * (
         gx
         - jnp.mean(gx, axis=-1, keepdims=True)
         - xhat * jnp.mean(gx * xhat, axis=-1, keepdims=True)
     )
-    return dx.astype(x.dtype), _sum_rows(g * xhat, scale.dtype), _sum_rows(g, scale.dtype)
+    return dx.astype(dtype), _sum_rows(g * xhat, scale.dtype), _sum_rows(g, scale.dtype)
 
 
 def _layer_norm_bwd(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    return _layer_norm_grads(*recomputed(g, *residuals), g)
+    x, mean, rstd, scale = recomputed(g, *residuals)
+    return _layer_norm_grads(_normalise_with(x, mean, rstd), rstd, scale, g, x.dtype)
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
@@ -134,13 +140,14 @@ def _norm_mlp_fwd(t: jax.Array, params: MlpParams) -> tuple[jax.Array, tuple]:
 def _norm_mlp_bwd(residuals: tuple, g: jax.Array) -> tuple[jax.Array, MlpParams]:
     t, mean, rstd, params = recomputed(g, *residuals)
     scale, bias, w1, b1, w2, b2 = params
-    x = _affine((t.astype(mean.dtype) - mean) * rstd, scale, bias, t.dtype)
+    xhat = _normalise_with(t, mean, rstd)
+    x = _affine(xhat, scale, bias, t.dtype)
     h = x @ w1 + b1
     activation, slope = _gelu_parts(h)
     dh = ((g @ w2.T).astype(slope.dtype) * slope).astype(h.dtype)
     dw2 = _rows(activation.astype(h.dtype)).T @ _rows(g)
     dw1 = _rows(x).T @ _rows(dh)
-    dt, dscale, dbias = _layer_norm_grads(t, mean, rstd, scale, dh @ w1.T)
+    dt, dscale, dbias = _layer_norm_grads(xhat, rstd, scale, dh @ w1.T, t.dtype)
     return dt, (dscale, dbias, dw1, _sum_rows(dh, b1.dtype), dw2, _sum_rows(g, b2.dtype))
 
 
