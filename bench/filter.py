@@ -6,7 +6,8 @@ forward and forward + backward, per width and image size.
         [--max-gb 4] [--max-seconds 10] [--budget-s S] [--out DIR] [--name filter]
 
 Reports the median time of `--repeats` calls after one warm-up (fewer, but at least one, once
-they add up to `--max-seconds`), effective GFLOP/s and XLA's temporary buffer size
+they add up to `--max-seconds`), the formulations of one configuration called in turn
+(`common.timeit_interleaved`), effective GFLOP/s and XLA's temporary buffer size
 (`compiled.memory_analysis()`), then, per configuration, how much slower the backend's default
 formulation (`default_formulation`) is than the best other one. FLOPs are counted as
 2 k^2 B H W C for the forward pass (one multiply and one add per tap, channel and pixel) and
@@ -22,6 +23,7 @@ loop (smallest first), so a budget cuts the largest sizes.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -85,20 +87,19 @@ def inputs(batch: int, size: int, width: int, kernel_size: int, mode: str) -> li
     return [jnp.asarray(rng.standard_normal(s, np.float32)) for s in shapes]
 
 
-def measure(
+def compile_one(
     name: str, mode: str, args: list[jax.Array], kernel_size: int, opts: argparse.Namespace
-) -> dict[str, Any]:
-    """Compiles and times one formulation on `args`: {median_s, times, temp_mb, compile_s,
-    status} or a skipped status."""
+) -> tuple[Any, dict[str, Any]]:
+    """Compiles one formulation on `args`: (executable, {compile_s, temp_mb, ...}), or (None,
+    {..., status}) when its buffers exceed `--max-gb`."""
     compiled, compile_s = common.compile_timed(
         program(FORMULATIONS[name], mode, kernel_size), *args
     )
     memory = common.compiled_memory(compiled)
     result: dict[str, Any] = {"compile_s": compile_s, **memory}
     if sum(memory.values()) > opts.max_gb * 1e3:
-        return {**result, "status": "skipped (memory)"}
-    timing = common.timeit(lambda: compiled(*args), opts.repeats, max_seconds=opts.max_seconds)
-    return {**result, "median_s": timing.median, "times": list(timing.times), "status": "ok"}
+        return None, {**result, "status": "skipped (memory)"}
+    return compiled, result
 
 
 def predicted_seconds(rows: Sequence[dict[str, Any]], key: tuple, size: int) -> float:
@@ -157,8 +158,9 @@ def markdown(payload: dict[str, Any]) -> str:
             "### Per-pixel dynamic filter",
             common.machine_line(payload["machine"])
             + f" Batch {settings['batch']}, {settings['kernel_size']}×{settings['kernel_size']}"
-            f" taps, float32, median of {settings['repeats']} calls after one warm-up. "
-            "FLOPs: 2·k²·B·H·W·C forward (one multiply-add per tap, channel and pixel), 3× that "
+            f" taps, float32, median of {settings['repeats']} calls after one warm-up, the"
+            " formulations of a configuration called in turn. FLOPs: 2·k²·B·H·W·C forward (one"
+            " multiply-add per tap, channel and pixel), 3× that "
             "for forward + backward (y, dx and dtaps). XLA temp MB: the compiled program's "
             "temporary buffers (`memory_analysis()`).",
             common.markdown_table(payload["rows"], COLUMNS),
@@ -204,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print("\n".join(common.markdown_table([], COLUMNS).splitlines()), flush=True)
     for size, width, mode in itertools.product(sorted(opts.sizes), opts.widths, opts.modes):
         args = inputs(opts.batch, size, width, opts.kernel_size, mode)
+        group, programs = [], {}
         for name in names:
             row = {"mode": mode, "width": width, "size": size, "formulation": name}
             if budget.spent():
@@ -211,11 +214,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             elif name != default and predicted_seconds(rows, _key(row), size) > opts.max_seconds:
                 row["status"] = "skipped (time)"
             else:
-                row.update(measure(name, mode, args, opts.kernel_size, opts))
-            if row.get("median_s"):
+                compiled, result = compile_one(name, mode, args, opts.kernel_size, opts)
+                row.update(result)
+                if compiled is not None:
+                    programs[name] = functools.partial(compiled, *args)
+            group.append(row)
+        timings = common.timeit_interleaved(programs, opts.repeats, max_seconds=opts.max_seconds)
+        for row in group:
+            name = row["formulation"]
+            if name in timings:
+                timing = timings[name]
                 flops = filter_flops(opts.batch, size, width, opts.kernel_size, mode)
-                row["median_ms"] = row["median_s"] * 1e3
-                row["gflops"] = flops / row["median_s"] / 1e9
+                row.update(median_s=timing.median, times=list(timing.times), status="ok")
+                row["median_ms"] = timing.median * 1e3
+                row["gflops"] = flops / timing.median / 1e9
             row["label"] = f"{name} (default)" if name == default else name
             rows.append(row)
             rows.sort(key=lambda r: (MODES.index(r["mode"]), r["width"], r["size"]))

@@ -209,3 +209,29 @@ def test_random_params_and_sizes(bench):
     assert not params["conv"]["bias"].any() and params["norm"]["scale"].all()
     assert common.parse_size("1000x1500") == (1000, 1500)
     assert common.parse_size("256") == (256, 256)
+
+
+def test_timeit_interleaved_calls_in_turn(bench, monkeypatch):
+    """One warm-up round, then one call of each function per round; a function leaves once its
+    timed calls add up to more than max_seconds (after at least one)."""
+    common = bench("common")
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def taking(name: str, seconds: float):
+        def fn():
+            calls.append(name)
+            clock[0] += seconds
+            return jnp.zeros(())
+
+        return fn
+
+    timings = common.timeit_interleaved(
+        {"fast": taking("fast", 1.0), "slow": taking("slow", 3.0)}, repeats=4, max_seconds=5.0
+    )
+    assert calls == ["fast", "slow"] * 3 + ["fast"] * 2
+    assert timings["fast"].times == (1.0,) * 4 and timings["slow"].times == (3.0, 3.0)
+    assert timings["slow"].median == 3.0
+    single = common.timeit(taking("one", 2.0), repeats=3, warmup=0)
+    assert single.times == (2.0,) * 3 and calls[-3:] == ["one"] * 3
