@@ -396,8 +396,11 @@ def run_eval(argv: list[str], progress: Callable[[Iterable], Iterable]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`mgdn-eval`; `argv` without the program name (default: sys.argv[1:])."""
-    argv = sys.argv[1:] if argv is None else argv
+    """`mgdn-eval`; `argv` without the program name (default: the command line, and then the
+    program re-executes itself with huge pages first, `runtime.use_huge_pages`)."""
+    if argv is None:
+        runtime.use_huge_pages()
+        argv = sys.argv[1:]
     if any(arg in ("-h", "--help", "-help") for arg in argv):
         print(USAGE, end="")
         return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -27,6 +28,27 @@ def configure() -> None:
     cache = os.environ.get("MGDN_JAX_CACHE", str(Path.home() / ".cache" / "mgdn_jax"))
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+_HUGE_PAGES = "glibc.malloc.hugetlb"
+
+
+def use_huge_pages() -> None:
+    """Re-executes this program (same interpreter, `sys.orig_argv`, same process id) with
+    glibc's malloc asking the kernel for transparent huge pages for its large blocks
+    (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, read only at start-up), unless the variable
+    already names that tunable (`glibc.malloc.hugetlb=0` turns this off). XLA:CPU takes its
+    temporaries as fresh memory at every call; at 4 KiB a page, a 528x528 MFF pair spends
+    about 100,000 page faults on them, and with huge pages the pair fuses about 11 % faster
+    (2-core VM). Linux only; elsewhere, and under a C library without the tunable, it changes
+    nothing. For programs' entry points only: it replaces the running process."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if not sys.platform.startswith("linux") or _HUGE_PAGES in tunables:
+        return
+    value = ":".join(filter(None, [tunables, f"{_HUGE_PAGES}=1"]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": value})
 
 
 def release_memory() -> None:
