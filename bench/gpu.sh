@@ -6,7 +6,8 @@
 # Writes model_hdr, train_step_mff, filter, model and train_step .md / .json, and all the
 # tables in tables.md, to OUT_DIR. Each run has a time budget (--budget-s, enforced again by
 # `timeout`); configurations that do not fit are listed as "skipped (time budget)". The
-# inference and training grids run only when GPU_BENCH_MINUTES leaves time for them. Needs JAX with CUDA (jax[cuda12] or jax[cuda13]).
+# inference and training grids run only when GPU_BENCH_MINUTES leaves time for them.
+# Needs JAX with CUDA (jax[cuda12] or jax[cuda13]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +37,8 @@ mkdir -p "$out"
 # 256² and part of 1024². The inference and training grids share whatever GPU_BENCH_MINUTES
 # leaves beyond these 4.9 minutes: GPU_BENCH_MINUTES=12 measures about everything.
 slack=10  # per run: `timeout`'s margin over --budget-s
-grids=$((minutes * 60 - 85 - 130 - 50 - 3 * slack))
+hdr_s=85 step_s=130 filter_s=50
+grids=$((minutes * 60 - hdr_s - step_s - filter_s - 3 * slack))
 
 run() {  # run BUDGET_S SCRIPT ARGS...: one benchmark, stopped after BUDGET_S + slack s at most
     local seconds=$1 script=$2
@@ -50,11 +52,11 @@ run() {  # run BUDGET_S SCRIPT ARGS...: one benchmark, stopped after BUDGET_S + 
 # One process at a time holds the GPU; none should take 75 % of its memory up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 both=(--dtypes float32 bfloat16)
-run 85 bench/model.py --variants hdr --sizes --hdr-sizes 1000x1500 "${both[@]}" \
+run $hdr_s bench/model.py --variants hdr --sizes --hdr-sizes 1000x1500 "${both[@]}" \
     --repeats 5 --name model_hdr
-run 130 bench/train_step.py --variants mff "${both[@]}" --nmi on --remat off \
+run $step_s bench/train_step.py --variants mff "${both[@]}" --nmi on --remat off \
     --repeats 5 --name train_step_mff
-run 50 bench/filter.py --sizes 256 1024 --widths 30 60 --repeats 10
+run $filter_s bench/filter.py --sizes 256 1024 --widths 30 60 --repeats 10
 if ((grids > 2 * slack)); then
     run $((grids * 55 / 100 - slack)) bench/model.py --sizes 256 520 1024 --hdr-sizes \
         "${both[@]}" --repeats 5
