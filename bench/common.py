@@ -216,18 +216,30 @@ def peak_labels(dtypes: Sequence[str]) -> list[str]:
     return labels
 
 
+def matmul_size(size: int | None = None) -> int:
+    """The side of the square matmul whose FLOP/s is the default backend's peak (`size` if
+    given)."""
+    return size or MATMUL_SIZE.get(jax.default_backend(), DEFAULT_MATMUL_SIZE)
+
+
+def matmul_call(label: str, n: int) -> Callable[[], jax.Array]:
+    """One (n x n) @ (n x n) matmul of random values in the dtype and precision of
+    `PEAKS[label]`, compiled on first call: 2 n^3 FLOP a call."""
+    dtype, precision = PEAKS[label]
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((n, n), np.float32), DTYPES[dtype]) for _ in "ab")
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
+    return lambda: matmul(a, b)
+
+
 def matmul_peaks(dtypes: Sequence[str], size: int | None = None, repeats: int = 5) -> dict:
     """FLOP/s of one large square (size x size) @ (size x size) matmul per `peak_labels(dtypes)`
     on the default backend: {"matmul_size": n, "matmul_gflops": {label: GFLOP/s}}."""
-    n = size or MATMUL_SIZE.get(jax.default_backend(), DEFAULT_MATMUL_SIZE)
-    rng = np.random.default_rng(0)
-    host = [rng.standard_normal((n, n), np.float32) for _ in "ab"]
-    gflops = {}
-    for label in peak_labels(dtypes):
-        dtype, precision = PEAKS[label]
-        a, b = (jnp.asarray(x, DTYPES[dtype]) for x in host)
-        matmul = jax.jit(lambda a, b, p=precision: jnp.matmul(a, b, precision=p))
-        gflops[label] = 2 * n**3 / timeit(lambda: matmul(a, b), repeats).median / 1e9
+    n = matmul_size(size)
+    gflops = {
+        label: 2 * n**3 / timeit(matmul_call(label, n), repeats).median / 1e9
+        for label in peak_labels(dtypes)
+    }
     return {"matmul_size": n, "matmul_gflops": gflops}
 
 

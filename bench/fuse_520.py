@@ -2,12 +2,15 @@
 
     python bench/fuse_520.py [--repeats 3] [--json out.json]
 
-Prints a Markdown table: compile time, steady-state seconds per pair, effective GFLOP/s from
-the release's counted 0.39 MFLOP per output pixel (at the padded 528x528 size), and the
-process's peak RSS (compilation included) and its peak RSS while the compiled forward pass
-runs (after compilation, whose freed memory `jit_forward` returns to the OS). Uses the
-official weights from ../shared (converted in a child process, so torch is not loaded here)
-when present, else random ones.
+Prints a Markdown table: compile time, steady-state seconds per pair (the best of --repeats
+pair-only runs), effective GFLOP/s from the release's counted 0.39 MFLOP per output pixel (at
+the padded 528x528 size), the process's peak RSS (compilation included) and its peak RSS while
+the compiled forward pass runs (after compilation, whose freed memory `jit_forward` returns to
+the OS). Then --repeats rounds of one pair and one float32 matmul (`common.matmul_call`) in
+turn: the machine's matmul peak (median over the rounds) and the pair's share of it, the median
+of the rounds' ratios, so that a machine whose speed drifts affects both sides of a ratio
+alike. Uses the official weights from ../shared (converted in a child process, so torch is not
+loaded here) when present, else random ones.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +35,6 @@ from mgdn_jax.inference import jit_forward, run
 from mgdn_jax.model import build_model
 from mgdn_jax.variants import model_config
 
-MFLOP_PER_PIXEL = {"mff": 0.39}
 SHARED = Path(os.environ.get("MGDN_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
@@ -64,24 +67,32 @@ def main() -> None:
     rng = np.random.default_rng(0)
     a, b = (rng.random((520, 520, 3), np.float32) for _ in range(2))
     forward = jit_forward(model)
+
+    def pair() -> np.ndarray:
+        return run(forward, [a, b], model.window_size)
+
     start = time.perf_counter()
-    run(forward, [a, b], model.window_size)
+    pair()
     first = time.perf_counter() - start
     common.reset_peak_rss()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        run(forward, [a, b], model.window_size)
-        times.append(time.perf_counter() - start)
-    steady = min(times)
-    gflop = MFLOP_PER_PIXEL["mff"] * 528 * 528 / 1e3
+    steady = common.timeit(pair, args.repeats, warmup=0).min
+    memory = common.peak_memory()
+    gflop = common.RELEASE_MFLOP_PER_PIXEL["mff"] * 528 * 528 / 1e3
+    n = common.matmul_size()
+    rounds = common.timeit_interleaved(
+        {"pair": pair, "matmul": common.matmul_call("float32", n)}, args.repeats
+    )
+    matmul_gflops = [2 * n**3 / t / 1e9 for t in rounds["matmul"].times]
+    shares = [100 * gflop / p / m for p, m in zip(rounds["pair"].times, matmul_gflops)]
     result = {
         "device": jax.devices()[0].device_kind,
         "cores": os.cpu_count(),
         "compile_s": first - steady,
         "seconds_per_pair": steady,
         "effective_gflops": gflop / steady,
-        **common.peak_memory(),
+        "matmul_peak_gflops": statistics.median(matmul_gflops),
+        "peak_pct": statistics.median(shares),
+        **memory,
     }
     print("| " + " | ".join(result) + " |")
     print("|" + "---|" * len(result))
