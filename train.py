@@ -13,7 +13,9 @@ which finds the coordinator on Cloud TPU, SLURM and similar clusters by itself, 
 JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment work as well). Every process runs the
 same command with the same --workdir on a shared filesystem; CPU processes exchange their
 collectives through gloo. Compiled programs are cached as for the other command-line tools
-(`mgdn_jax.runtime`), so a resumed run skips most compilation.
+(`mgdn_jax.runtime`), so a resumed run skips most compilation, and like them the program
+re-executes itself at start-up with glibc's malloc asking for transparent huge pages
+(`runtime.use_huge_pages`; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 turns that off).
 
 Needs the `train` extra (clu, TensorFlow, tensorboard): pip install -e ".[train]".
 """
@@ -58,6 +60,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_train_extra()
+    runtime.use_huge_pages()
     runtime.configure()
     if _MULTIHOST.value or _COORDINATOR.value:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

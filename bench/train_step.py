@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mgdn_jax import train_lib
+from mgdn_jax import runtime, train_lib
 from mgdn_jax.variants import VARIANTS
 
 SCRIPT = Path(__file__).resolve()
@@ -247,5 +247,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    runtime.use_huge_pages()  # as train.py does
     common.setup()
     main()

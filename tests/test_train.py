@@ -79,6 +79,9 @@ def subprocess_env(devices: int = 1) -> dict[str, str]:
     env["XLA_FLAGS"] = (
         f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
     )
+    # What train.py would re-execute itself with (runtime.use_huge_pages), set up front so
+    # that every run saves the second interpreter start.
+    env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
     return env
 
 
