@@ -26,7 +26,7 @@ from mgdn_jax.layers import (
     tied,
 )
 from mgdn_jax.model import build_model
-from mgdn_jax.transformer import LN_EPS, layer_norm, norm_mlp
+from mgdn_jax.transformer import LN_EPS, layer_norm, norm_mlp, project_heads
 from mgdn_jax.variants import model_config
 
 
@@ -113,6 +113,16 @@ def test_norm_mlp_matches_definition_and_autodiff():
         args = [_random(shape, 20 + i) for i, shape in enumerate(shapes)]
         _assert_same_grads(ours, plain, *args)
         check_grads(ours, tuple(args), order=1, modes=("rev",))
+
+
+def test_project_heads_matches_einsum_and_autodiff():
+    def plain(x, kernel, bias):
+        return jnp.einsum("bnc,chd->bhnd", x, kernel) + bias[:, None, :]
+
+    with jax.enable_x64(True):
+        args = [_random((3, 16, 6), 40), _random((6, 2, 3), 41), _random((2, 3), 42)]
+        _assert_same_grads(project_heads, plain, *args)
+        check_grads(project_heads, tuple(args), order=1, modes=("rev",))
 
 
 def test_softmax_and_leaky_relu_match_autodiff():
