@@ -26,7 +26,7 @@ from mgdn_jax.layers import (
     tied,
 )
 from mgdn_jax.model import build_model
-from mgdn_jax.transformer import LN_EPS, layer_norm, norm_mlp, project_heads
+from mgdn_jax.transformer import LN_EPS, attend, layer_norm, norm_mlp, project_heads
 from mgdn_jax.variants import model_config
 
 
@@ -123,6 +123,27 @@ def test_project_heads_matches_einsum_and_autodiff():
         args = [_random((3, 16, 6), 40), _random((6, 2, 3), 41), _random((2, 3), 42)]
         _assert_same_grads(project_heads, plain, *args)
         check_grads(project_heads, tuple(args), order=1, modes=("rev",))
+
+
+@pytest.mark.parametrize("windows", [1, 3])
+def test_attend_matches_definition_and_autodiff(windows: int):
+    """Window attention's core, with a mask per window (3) or one for all (1), against
+    differentiating the plain formula."""
+    mask = jnp.asarray(np.where(np.random.default_rng(50).random((windows, 4, 4)) < 0.4, -9, 0.0))
+
+    def plain(q, k, v, bias):
+        logits = jnp.einsum("bhnd,bhmd->bhnm", q, k) + bias
+        logits = (logits.reshape(2, windows, 2, 4, 4) + mask[None, :, None]).reshape(-1, 2, 4, 4)
+        return jnp.einsum("bhnm,bhmd->bhnd", jax.nn.softmax(logits, axis=-1), v)
+
+    def ours(q, k, v, bias):
+        return attend(q, k, v, bias, mask)
+
+    with jax.enable_x64(True):
+        shapes = [(2 * windows, 2, 4, 3)] * 3 + [(2, 4, 4)]
+        args = [_random(shape, 51 + i) for i, shape in enumerate(shapes)]
+        _assert_same_grads(ours, plain, *args)
+        check_grads(ours, tuple(args), order=1, modes=("rev",))
 
 
 def test_softmax_and_leaky_relu_match_autodiff():
