@@ -285,8 +285,13 @@ def _softmax_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return y, y
 
 
+def softmax_grad(y: jax.Array, g: jax.Array, axis: int = -1) -> jax.Array:
+    """The input cotangent of a softmax over `axis`, from its output y and output cotangent g."""
+    return y * (g - jnp.sum(g * y, axis=axis, keepdims=True))
+
+
 def _softmax_bwd(y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
+    return (softmax_grad(y, g),)
 
 
 softmax.defvjp(_softmax_fwd, _softmax_bwd)

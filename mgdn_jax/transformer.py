@@ -7,7 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mgdn_jax.layers import checkpointed, conv, depend_on, leaky_relu, recomputed, softmax, tied
+from mgdn_jax.layers import (
+    checkpointed,
+    conv,
+    depend_on,
+    leaky_relu,
+    recomputed,
+    softmax,
+    softmax_grad,
+    tied,
+)
 
 MASK_VALUE = -100.0
 LN_EPS = 1e-5
@@ -270,19 +279,14 @@ def _attend_fwd(
     return attend(q, k, v, bias, mask), (q, k, v, bias, mask)
 
 
-def _softmax_grad(p: jax.Array, dp: jax.Array, axis: int) -> jax.Array:
-    """d logits of softmax over `axis` from its output p and output cotangent dp."""
-    return p * (dp - jnp.sum(dp * p, axis=axis, keepdims=True))
-
-
 def _attend_bwd(residuals: tuple, g: jax.Array) -> tuple:
     q, k, v, bias, mask = residuals
     p = jax.nn.softmax(_logits(q, k, bias, mask), axis=-1)
-    dlogits = _softmax_grad(p, jnp.einsum("bhnd,bhmd->bhnm", g, v), -1)
+    dlogits = softmax_grad(p, jnp.einsum("bhnd,bhmd->bhnm", g, v), -1)
     dq = jnp.einsum("bhnm,bhmd->bhnd", dlogits, k)
     transposed = _logits(k, q, bias.swapaxes(-1, -2), mask.swapaxes(-1, -2))
     pt = jax.nn.softmax(transposed, axis=-2)
-    dlogits_t = _softmax_grad(pt, jnp.einsum("bhmd,bhnd->bhmn", v, g), -2)
+    dlogits_t = softmax_grad(pt, jnp.einsum("bhmd,bhnd->bhmn", v, g), -2)
     dk = jnp.einsum("bhmn,bhnd->bhmd", dlogits_t, q)
     dv = jnp.einsum("bhmn,bhnd->bhmd", pt, g)
     dbias = jnp.sum(dlogits, axis=0, dtype=_acc(g.dtype)).astype(bias.dtype)
@@ -330,11 +334,11 @@ class WindowAttention(nnx.Module):
         """(B * nW, N, C) windows, optional (nW, N, N) mask -> (B * nW, N, C).
 
         q, k and v are projected apart into (B * nW, heads, N, d) (`project_heads`, the qkv
-        Linear's kernel viewed as (C, 3, heads, d)), and the output projection contracts
-        (heads, d): the same maps as Linear -> reshape -> transpose, without the (3, ...)
-        transposes that dominate the backward pass on small windows.
+        Linear's kernel viewed as (C, 3, heads, d)), attended by `attend`, and the output
+        projection contracts (heads, d): the same maps as Linear -> reshape -> transpose,
+        without the (3, ...) transposes that dominate the backward pass on small windows.
         """
-        bw, n, c = x.shape
+        _, n, c = x.shape
         heads = self.num_heads
         kernel = self.qkv.kernel[...].astype(x.dtype).reshape(c, 3, heads, c // heads)
         bias = self.qkv.bias[...].astype(x.dtype).reshape(3, heads, c // heads)
