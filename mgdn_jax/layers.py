@@ -177,6 +177,35 @@ def _conv2d_bwd(
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+@jax.custom_vjp
+def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 1x1 convolution as a matmul over channels: (..., I) @ (I, O) -> (..., O).
+
+    The backward pass is written out: the kernel gradient is one (P, I)^T (P, O) product of
+    the input and the output cotangent as they lie (P: all pixels). Differentiating the
+    einsum, XLA:CPU first copies the cotangent channels-first and then contracts against that
+    copy, more than twice as slow (65536 x 30 x 30: 5.8 ms against 2.5 ms).
+    """
+    return x @ kernel
+
+
+def _pointwise_fwd(
+    x: jax.Array, kernel: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return x @ kernel, (x, kernel)
+
+
+def _pointwise_bwd(
+    residuals: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    x, kernel = residuals
+    dkernel = x.reshape(-1, kernel.shape[0]).T @ g.reshape(-1, kernel.shape[1])
+    return g @ kernel.T, dkernel.astype(kernel.dtype)
+
+
+pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
+
+
 class Conv(nnx.Module):
     """A stride-1 NHWC convolution with bias and explicit zero padding that keeps H and W.
 
@@ -231,7 +260,7 @@ class Conv(nnx.Module):
             return conv2d(xs[0], kernel, self.dilation) + bias
         y, start = bias, 0
         for a in xs:
-            y = y + jnp.einsum("bhwi,io->bhwo", a, kernel[0, 0, start : start + a.shape[-1]])
+            y = y + pointwise(a, kernel[0, 0, start : start + a.shape[-1]])
             start += a.shape[-1]
         return y
 

@@ -21,6 +21,7 @@ from mgdn_jax.layers import (
     grads_together,
     leaky_relu,
     lrelu,
+    pointwise,
     recomputed,
     softmax,
     tied,
@@ -113,6 +114,16 @@ def test_norm_mlp_matches_definition_and_autodiff():
         args = [_random(shape, 20 + i) for i, shape in enumerate(shapes)]
         _assert_same_grads(ours, plain, *args)
         check_grads(ours, tuple(args), order=1, modes=("rev",))
+
+
+def test_pointwise_matches_einsum_and_autodiff():
+    def plain(x, kernel):
+        return jnp.einsum("bhwi,io->bhwo", x, kernel)
+
+    with jax.enable_x64(True):
+        args = [_random((2, 5, 3, 4), 30), _random((4, 6), 31)]
+        _assert_same_grads(pointwise, plain, *args)
+        check_grads(pointwise, tuple(args), order=1, modes=("rev",))
 
 
 def test_project_heads_matches_einsum_and_autodiff():
