@@ -9,7 +9,6 @@ predicted per pixel and shared by all channels:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import jax
@@ -72,31 +71,23 @@ def _tap_gradients(xpad: jax.Array, g: jax.Array, k: int) -> jax.Array:
     """d taps: (B, H + k - 1, W + k - 1, C) padded input, (B, H, W, C) output cotangent ->
     (B, H, W, k*k), d taps[..., t] = sum_c (xpad shifted by t) * g.
 
-    Both maps are laid out (B, H, C, W), so that the k*k products vectorise along the width
-    and the channel sums add whole rows, and the sums are formed a few image rows at a time
-    (`lax.map`), so that they re-read rows that are still in cache. Channels-last, the sums
-    would run over the few channels of the innermost axis (twice as slow on CPU).
+    The k products of one kernel row are summed over the channels by one variadic reduction
+    (k sums in one pass over the maps), which XLA:CPU fuses into a single loop. Each sum on
+    its own goes to YNNPACK's reduction, 2.4x slower at C = 30 and 3.3x at C = 60 (4 x 128^2).
     """
-    b, h, w, c = g.shape
-    rows = math.gcd(h, 4)
-    blocks = h // rows
+    _, h, w, _ = g.shape
     acc = jnp.promote_types(xpad.dtype, jnp.float32)
-    xpad, g = jnp.swapaxes(xpad, 2, 3), jnp.swapaxes(g, 2, 3)
+    xpad, g = xpad.astype(acc), g.astype(acc)
+    zeros = (jnp.zeros((), acc),) * k
+    sums: list[jax.Array] = []
+    for dy in range(k):
+        products = tuple(xpad[:, dy : dy + h, dx : dx + w] * g for dx in range(k))
+        sums += jax.lax.reduce(products, zeros, _add_each, (3,))
+    return jnp.stack(sums, axis=-1)
 
-    def block(i: jax.Array) -> jax.Array:  # -> (rows, k*k, W)
-        image, top = i // blocks, (i % blocks) * rows
-        xs = jax.lax.dynamic_slice(xpad, (image, top, 0, 0), (1, rows + k - 1, c, w + k - 1))[0]
-        gs = jax.lax.dynamic_slice(g, (image, top, 0, 0), (1, rows, c, w))[0]
-        return jnp.stack(
-            [
-                jnp.sum(xs[dy : dy + rows, :, dx : dx + w] * gs, axis=1, dtype=acc)
-                for dy in range(k)
-                for dx in range(k)
-            ],
-            axis=1,
-        )
 
-    return jnp.swapaxes(jax.lax.map(block, jnp.arange(b * blocks)).reshape(b, h, k * k, w), 2, 3)
+def _add_each(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    return tuple(x + y for x, y in zip(a, b))
 
 
 def _fold_replicate(d: jax.Array, r: int) -> jax.Array:
