@@ -122,16 +122,27 @@ def _pad(kernel_size: int, dilation: int) -> int:
 
 
 def _conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
-    """(B, H, W, I) * (k, k, I, O) -> (B, H, W, O), stride 1, zero padding that keeps H, W."""
+    """(B, H, W, I) * (k, k, I, O) -> (B, H, W, O), stride 1, zero padding that keeps H, W.
+
+    On CPU, O two short of a multiple of 16 (MFF's and GDSR's 30) gets two zero filters whose
+    outputs are sliced off: XLA:CPU's convolution (YNNPACK) computes 32 channels 10-20 %
+    faster than 30 (4 x 128^2 x 30 -> 30, 3x3: 21-25 ms -> 17-19 ms, the slice fused into
+    what follows).
+    """
+    out = kernel.shape[-1]
+    extra = -out % 16 if jax.default_backend() == "cpu" else 0
+    if extra > 2:
+        extra = 0
     pad = _pad(kernel.shape[0], dilation)
-    return jax.lax.conv_general_dilated(
+    y = jax.lax.conv_general_dilated(
         x,
-        kernel,
+        jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, extra))) if extra else kernel,
         window_strides=(1, 1),
         padding=((pad, pad), (pad, pad)),
         rhs_dilation=(dilation, dilation),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
+    return y[..., :out] if extra else y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -53,6 +53,24 @@ def test_conv2d_gradients_match_autodiff(k: int, dilation: int):
         check_grads(lambda a, b: conv2d(a, b, dilation), (x, kernel), order=1, modes=("rev",))
 
 
+def test_conv_with_padded_filters_equals_plain_convolution():
+    """30 output channels: computed as 32 on CPU (`_conv`), the same values and gradients."""
+
+    def plain(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (1, 1),
+            ((2, 2), (2, 2)),
+            rhs_dilation=(2, 2),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+
+    with jax.enable_x64(True):
+        args = [_random((2, 7, 6, 5), 32), _random((3, 3, 5, 30), 33)]
+        _assert_same_grads(lambda x, k: conv2d(x, k, 2), plain, *args)
+
+
 def test_depthwise_gradients_match_autodiff():
     with jax.enable_x64(True):
         x, kernel = _random((2, 6, 5, 4), 2), _random((3, 3, 4), 3)
