@@ -130,8 +130,8 @@ def _conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
     what follows).
     """
     out = kernel.shape[-1]
-    extra = -out % 16 if jax.default_backend() == "cpu" else 0
-    if extra > 2:
+    extra = -out % 16
+    if extra > 2 or jax.default_backend() != "cpu":
         extra = 0
     pad = _pad(kernel.shape[0], dilation)
     y = jax.lax.conv_general_dilated(
