@@ -145,6 +145,13 @@ def _conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
     return y[..., :out] if extra else y
 
 
+def kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
+    """The kernel gradient of a matmul over the last axis: (..., I) inputs and (..., O)
+    output cotangent -> (I, O), summed over all leading positions as one (P, I)^T (P, O)
+    product of the maps as they lie."""
+    return x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv2d(x: jax.Array, kernel: jax.Array, dilation: int = 1) -> jax.Array:
     """Stride-1 convolution with zero padding that keeps H and W: (B, H, W, I) * (k, k, I, O)
@@ -173,12 +180,10 @@ def _conv2d_bwd(
     dx = _conv(g, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2), dilation)
     pad = _pad(k, dilation)
     xpad = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    g2 = g.reshape(-1, o)
     taps = [
-        xpad[:, dy * dilation : dy * dilation + h, dx_ * dilation : dx_ * dilation + w]
-        .reshape(-1, i)
-        .T
-        @ g2
+        kernel_gradient(
+            xpad[:, dy * dilation : dy * dilation + h, dx_ * dilation : dx_ * dilation + w], g
+        )
         for dy in range(k)
         for dx_ in range(k)
     ]
@@ -210,8 +215,7 @@ def _pointwise_bwd(
     residuals: tuple[jax.Array, jax.Array], g: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     x, kernel = residuals
-    dkernel = x.reshape(-1, kernel.shape[0]).T @ g.reshape(-1, kernel.shape[1])
-    return g @ kernel.T, dkernel.astype(kernel.dtype)
+    return g @ kernel.T, kernel_gradient(x, g).astype(kernel.dtype)
 
 
 pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)

@@ -11,6 +11,7 @@ from mgdn_jax.layers import (
     checkpointed,
     conv,
     depend_on,
+    kernel_gradient,
     leaky_relu,
     recomputed,
     softmax,
@@ -157,15 +158,10 @@ def _norm_mlp_bwd(residuals: tuple, g: jax.Array) -> tuple[jax.Array, MlpParams]
     h = x @ w1 + b1
     activation, slope = _gelu_parts(h)
     dh = ((g @ w2.T).astype(slope.dtype) * slope).astype(h.dtype)
-    dw2 = _rows(activation.astype(h.dtype)).T @ _rows(g)
-    dw1 = _rows(x).T @ _rows(dh)
+    dw2 = kernel_gradient(activation.astype(h.dtype), g)
+    dw1 = kernel_gradient(x, dh)
     dt, dscale, dbias = _layer_norm_grads(xhat, rstd, scale, dh @ w1.T, t.dtype)
     return dt, (dscale, dbias, dw1, _sum_rows(dh, b1.dtype), dw2, _sum_rows(g, b2.dtype))
-
-
-def _rows(a: jax.Array) -> jax.Array:
-    """(..., C) -> (N, C)."""
-    return a.reshape(-1, a.shape[-1])
 
 
 norm_mlp.defvjp(_norm_mlp_fwd, _norm_mlp_bwd)
