@@ -22,6 +22,11 @@ Needs the `train` extra (clu, TensorFlow, tensorboard): pip install -e ".[train]
 
 from __future__ import annotations
 
+from mgdn_jax import runtime
+
+if __name__ == "__main__":
+    runtime.use_huge_pages()  # restarts the program: first, so that the imports below run once
+
 import importlib.util
 import logging
 import sys
@@ -31,7 +36,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mgdn_jax import runtime, train_lib
+from mgdn_jax import train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -60,7 +65,6 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_train_extra()
-    runtime.use_huge_pages()
     runtime.configure()
     if _MULTIHOST.value or _COORDINATOR.value:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

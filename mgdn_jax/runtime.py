@@ -1,6 +1,8 @@
 """Process-level JAX settings for the command-line tools.
 
 Call `configure()` before the first computation: it must run before the XLA backend starts.
+JAX is imported only there, so that programs can call `use_huge_pages()` (which restarts them)
+before their heavy imports.
 """
 
 from __future__ import annotations
@@ -9,8 +11,6 @@ import ctypes
 import os
 import sys
 from pathlib import Path
-
-import jax
 
 # XLA:CPU's default scheduler runs independent operations concurrently, which for MGDN nearly
 # doubles the peak temporary memory (0.93 GB vs 0.53 GB for a 528x528 MFF pair) for no
@@ -21,6 +21,8 @@ _CPU_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 def configure() -> None:
     """Memory-friendly XLA:CPU scheduling, and a persistent compilation cache (default
     ~/.cache/mgdn_jax, or $MGDN_JAX_CACHE) so that repeated runs skip compilation."""
+    import jax
+
     flags = os.environ.get("XLA_FLAGS", "")
     missing = [f for f in _CPU_FLAGS if f.split("=")[0] not in flags]
     if missing:
