@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mgdn_jax.layers import ConvAct, conv, lrelu, recomputed
+from mgdn_jax.layers import ConvAct, add_each, conv, lrelu, recomputed
 
 KERNEL_SIZE = 7
 NUM_TAPS = KERNEL_SIZE * KERNEL_SIZE
@@ -82,12 +82,8 @@ def _tap_gradients(xpad: jax.Array, g: jax.Array, k: int) -> jax.Array:
     sums: list[jax.Array] = []
     for dy in range(k):
         products = tuple(xpad[:, dy : dy + h, dx : dx + w] * g for dx in range(k))
-        sums += jax.lax.reduce(products, zeros, _add_each, (3,))
+        sums += jax.lax.reduce(products, zeros, add_each, (3,))
     return jnp.stack(sums, axis=-1)
-
-
-def _add_each(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    return tuple(x + y for x, y in zip(a, b))
 
 
 def _fold_replicate(d: jax.Array, r: int) -> jax.Array:

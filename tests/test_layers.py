@@ -19,6 +19,7 @@ from mgdn_jax.layers import (
     conv2d,
     depthwise_conv,
     grads_together,
+    kernel_gradient,
     leaky_relu,
     lrelu,
     pointwise,
@@ -41,10 +42,11 @@ def _grads(fn, *args, cotangent_seed: int = 9):
     return jax.grad(lambda *a: jnp.sum(fn(*a) * weights), argnums=tuple(range(len(args))))(*args)
 
 
-@pytest.mark.parametrize(("k", "dilation"), [(3, 1), (3, 2), (5, 1)])
-def test_conv2d_gradients_match_autodiff(k: int, dilation: int):
+@pytest.mark.parametrize(("k", "dilation", "out"), [(3, 1, 4), (3, 2, 4), (5, 1, 4), (3, 1, 3)])
+def test_conv2d_gradients_match_autodiff(k: int, dilation: int, out: int):
+    """Four output channels take the kernel gradient's matmul path, three its reduction."""
     with jax.enable_x64(True):
-        x, kernel = _random((2, 9, 7, 3), 0), _random((k, k, 3, 4), 1)
+        x, kernel = _random((2, 9, 7, 3), 0), _random((k, k, 3, out), 1)
         np.testing.assert_allclose(conv2d(x, kernel, dilation), _conv(x, kernel, dilation))
         ours = _grads(lambda a, b: conv2d(a, b, dilation), x, kernel)
         reference = _grads(lambda a, b: _conv(a, b, dilation), x, kernel)
@@ -132,6 +134,24 @@ def test_norm_mlp_matches_definition_and_autodiff():
         args = [_random(shape, 20 + i) for i, shape in enumerate(shapes)]
         _assert_same_grads(ours, plain, *args)
         check_grads(ours, tuple(args), order=1, modes=("rev",))
+
+
+@pytest.mark.parametrize(("i", "o"), [(3, 3), (5, 1), (4, 6), (10, 3)])
+def test_kernel_gradient_is_the_summed_outer_product(i: int, o: int):
+    """Both paths (a matmul, or for thin outputs a reduction on CPU) give sum_p x_p^T g_p, in
+    float64 and, summed in float32, from bfloat16 maps."""
+    rng = np.random.default_rng(i)
+    x, g = rng.standard_normal((2, 6, 7, i)), rng.standard_normal((2, 6, 7, o))
+    want = np.einsum("bhwi,bhwo->io", x, g)
+    with jax.enable_x64(True):
+        np.testing.assert_allclose(
+            kernel_gradient(jnp.asarray(x), jnp.asarray(g)), want, rtol=1e-12
+        )
+    xb, gb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16)
+    got = kernel_gradient(xb, gb)
+    assert got.dtype == jnp.bfloat16 and got.shape == (i, o)
+    exact = np.einsum("bhwi,bhwo->io", np.asarray(xb, np.float64), np.asarray(gb, np.float64))
+    np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2e-2, atol=0.2)
 
 
 def test_pointwise_matches_einsum_and_autodiff():
