@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    runtime.use_huge_pages()  # as mgdn-fuse does
+    runtime.use_huge_pages(single_arena=True)  # as mgdn-fuse does
     runtime.configure()
     weights = SHARED / "reference/weights/mff_62000_E.pth"
     if weights.is_file():  # converted in a child process, so torch never inflates our RSS

@@ -397,9 +397,10 @@ def run_eval(argv: list[str], progress: Callable[[Iterable], Iterable]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`mgdn-eval`; `argv` without the program name (default: the command line, and then the
-    program re-executes itself with huge pages first, `runtime.use_huge_pages`)."""
+    program re-executes itself with huge pages and one malloc arena first,
+    `runtime.use_huge_pages`)."""
     if argv is None:
-        runtime.use_huge_pages()
+        runtime.use_huge_pages(single_arena=True)
         argv = sys.argv[1:]
     if any(arg in ("-h", "--help", "-help") for arg in argv):
         print(USAGE, end="")

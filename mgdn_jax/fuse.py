@@ -216,9 +216,10 @@ def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) 
 
 def main(argv: list[str] | None = None) -> int:
     """`mgdn-fuse`; `argv` without the program name (default: the command line, and then the
-    program re-executes itself with huge pages first, `runtime.use_huge_pages`)."""
+    program re-executes itself with huge pages and one malloc arena first,
+    `runtime.use_huge_pages`)."""
     if argv is None:
-        runtime.use_huge_pages()
+        runtime.use_huge_pages(single_arena=True)
     args = _parser().parse_args(argv)
     runtime.configure()
     from tqdm import tqdm
