@@ -45,7 +45,7 @@ def use_huge_pages(single_arena: bool = False) -> None:
     about 100,000 page faults on them, and with huge pages the pair fuses about 11 % faster
     (2-core VM). With `single_arena`, also one malloc arena for all threads
     (`glibc.malloc.arena_max=1`, unless named): for the inference tools, whose peak RSS it
-    lowers by about 8 % at the same speed (a 528x528 MFF pair: 0.96-0.98 -> 0.89-0.90 GB in
+    lowers by about 8 % at the same speed (a 528x528 MFF pair: 963-979 -> 893-902 MiB in
     three alternating pairs of runs); a training step, whose threads allocate at the same
     time, was 25-50 % slower with it. Linux only; elsewhere, and under a C library without the
     tunables, it changes nothing. For programs' entry points only: it replaces the running
