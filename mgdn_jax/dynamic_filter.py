@@ -9,6 +9,7 @@ predicted per pixel and shared by all channels:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -152,7 +153,9 @@ _filter = _with_filter_backward(_filter_padded)
 
 @functools.partial(jax.jit, static_argnames="kernel_size")
 def dynamic_filter(x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE) -> jax.Array:
-    """Per-pixel dynamic filter, the default path (no unfolded tensor is materialised).
+    """Per-pixel dynamic filter, the model's path: the formulation `default_formulation` picks
+    for the backend and the size of `x` (both materialise no unfolded tensor and share one
+    backward pass).
 
     Args:
         x: (B, H, W, C) features.
@@ -162,6 +165,17 @@ def dynamic_filter(x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE
     Returns:
         (B, H, W, C) filtered features.
     """
+    _check(x, taps, kernel_size)
+    chosen = _MODEL_PATHS[default_formulation(jax.default_backend(), x.shape)]
+    return chosen(x, taps, kernel_size)
+
+
+@functools.partial(jax.jit, static_argnames="kernel_size")
+def dynamic_filter_shifted(
+    x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE
+) -> jax.Array:
+    """`dynamic_filter` as k*k fused shifted multiply-adds on the merged (B, H, W * C) layout
+    (`_filter_padded`) on every backend and size."""
     _check(x, taps, kernel_size)
     return _filter(x, taps, kernel_size)
 
@@ -263,21 +277,35 @@ def dynamic_filter_channels_first(
 
 # name -> (x (B, H, W, C), taps (B, H, W, k*k), kernel_size=7) -> (B, H, W, C).
 FORMULATIONS: dict[str, Callable[..., jax.Array]] = {
-    "shifted": dynamic_filter,
+    "shifted": dynamic_filter_shifted,
     "unfold": dynamic_filter_unfold,
     "patches": dynamic_filter_patches,
     "loop": dynamic_filter_loop,
     "channels_first": dynamic_filter_channels_first,
 }
 
-# The formulation to use per backend, from `bench/filter.py` measurements; backends not listed
-# use "shifted" (`dynamic_filter`, the model's path).
-_DEFAULTS: dict[str, str] = {"cpu": "shifted"}
+# The formulations `dynamic_filter` chooses from, unjitted.
+_MODEL_PATHS: dict[str, Callable[[jax.Array, jax.Array, int], jax.Array]] = {
+    "shifted": _filter,
+    "channels_first": _filter_cf,
+}
+
+# Per backend, the largest B * H * W * C that runs the channels-first forward pass; larger
+# inputs, and every input on backends not listed, run the merged layout ("shifted"). From
+# bench/filter.py on an H200 (bench/results/h200-2026-11-27-b/filter_merged.md), where a call
+# at 256^2 is launch-bound: channels-first 0.20 / 0.27 ms forward at C = 30 / 60 (2.0 / 3.9 M
+# elements) against the merged layout's 0.29 / 0.31 ms, but at 1024^2 (31 / 63 M) 3.08 / 4.33
+# against 2.37 / 2.72 ms. Between those sizes the limit (8.4 M: 512^2 x 32) is not measured.
+# On CPU the merged layout is within noise of channels-first forward and 30-50 % faster
+# forward + backward at every size (README).
+_CHANNELS_FIRST_UP_TO: dict[str, int] = {"gpu": 1 << 23}
 
 
-def default_formulation(backend: str) -> str:
-    """The `FORMULATIONS` key to use on `backend` (a `jax.default_backend()` name)."""
-    return _DEFAULTS.get(backend, "shifted")
+def default_formulation(backend: str, shape: tuple[int, ...]) -> str:
+    """The `FORMULATIONS` key `dynamic_filter` runs on `backend` (a `jax.default_backend()`
+    name) for (B, H, W, C) features of `shape`."""
+    channels_first = math.prod(shape) <= _CHANNELS_FIRST_UP_TO.get(backend, 0)
+    return "channels_first" if channels_first else "shifted"
 
 
 class KernelPredictor(nnx.Module):

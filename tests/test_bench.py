@@ -3,6 +3,7 @@ unfold reference."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -15,7 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mgdn_jax.dynamic_filter import FORMULATIONS, default_formulation, dynamic_filter_unfold
+from mgdn_jax.dynamic_filter import (
+    FORMULATIONS,
+    default_formulation,
+    dynamic_filter,
+    dynamic_filter_unfold,
+)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -65,9 +71,25 @@ def test_formulation_matches_unfold(name):
             np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu", "other"])
-def test_default_formulation_is_registered(backend):
-    assert default_formulation(backend) in FORMULATIONS
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_model_path_runs_the_default_formulation(monkeypatch, backend):
+    """`dynamic_filter` traced as on `backend`, at a small and a large (abstract) input: it
+    runs channels-first (the only formulation with transposes) exactly where
+    `default_formulation` names it, which on a GPU is the small input only."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    chosen = []
+    for size in (16, 1024):
+        shape = (1, size, size, 30)
+        x = jax.ShapeDtypeStruct(shape, jnp.float32)
+        taps = jax.ShapeDtypeStruct((*shape[:3], 49), jnp.float32)
+        fresh = functools.partial(dynamic_filter.__wrapped__)  # not in any trace cache
+        program = jax.jit(fresh).lower(x, taps).as_text()
+        name = default_formulation(backend, shape)
+        assert name in FORMULATIONS
+        assert ("transpose" in program) == (name == "channels_first"), (backend, size)
+        chosen.append(name)
+    expected = ["channels_first", "shifted"] if backend == "gpu" else ["shifted", "shifted"]
+    assert chosen == expected
 
 
 def read_json(path: Path) -> dict:
@@ -96,7 +118,9 @@ def test_filter_bench(bench, tmp_path):
         positive(row, "median_s", "gflops", "compile_s")
         assert row["temp_mb"] >= 0
     assert len(payload["summary"]) == 2
-    assert all(s["best_other"] != payload["default"] for s in payload["summary"])
+    for s in payload["summary"]:
+        assert s["default"] == default_formulation(jax.default_backend(), (1, 16, 16, 6))
+        assert s["best_other"] != s["default"]
     skipped = filter_bench.main(
         [*args, "--formulations", "unfold", "--modes", "forward", "--max-gb", "0"]
     )
