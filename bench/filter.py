@@ -43,7 +43,7 @@ COLUMNS = [
     common.Column("width", "C"),
     common.Column("size", "size"),
     common.Column("label", "formulation"),
-    common.Column("median_ms", "ms (median)", "{:.1f}"),
+    common.Column("median_ms", "ms (median)", "{:.2f}"),
     common.Column("gflops", "GFLOP/s", "{:.2f}"),
     common.Column("temp_mb", "XLA temp MB", "{:.0f}"),
     common.Column("compile_s", "compile s", "{:.1f}"),
@@ -54,9 +54,9 @@ SUMMARY_COLUMNS = [
     common.Column("width", "C"),
     common.Column("size", "size"),
     common.Column("default", "default"),
-    common.Column("default_ms", "default ms", "{:.1f}"),
+    common.Column("default_ms", "default ms", "{:.2f}"),
     common.Column("best_other", "best other"),
-    common.Column("best_other_ms", "its ms", "{:.1f}"),
+    common.Column("best_other_ms", "its ms", "{:.2f}"),
     common.Column("slowdown_pct", "default slower by %", "{:+.1f}"),
 ]
 
