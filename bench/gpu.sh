@@ -29,17 +29,16 @@ EOF
 mkdir -p "$out"
 
 # The first three runs are what the performance issue asks of a GPU. First the filter: the
-# formulation `dynamic_filter` picks (`default_formulation`: channels-first up to 2^23
-# elements, the merged layout above) against the other one, at 256^2, 512^2 (where that limit
-# lies) and 1024^2; unfold, patches and loop were 2-12x slower on the H200 and are left to the
-# grid-sized runs. Then HDR inference at 1000x1500 and the MFF training step, float32 and
-# bfloat16, as shares of the card's matmul peaks. Their budgets are fixed, from an H200
-# (2026-11-27), where one filter program took 1-5 s to compile and run, one HDR configuration
-# 30-45 s and one MFF step configuration 60-100 s (a 57 s budget had measured no training step
-# at all): in the default 5 minutes, the filter, HDR in both dtypes and the MFF step in float32
-# (bfloat16 too where compiling is quicker). The inference and training grids share whatever
-# GPU_BENCH_MINUTES leaves beyond these 4.9 minutes: GPU_BENCH_MINUTES=12 measures about
-# everything.
+# formulation `dynamic_filter` picks (`default_formulation`, by size on a GPU) against the
+# other one, at 256^2, 512^2 (where its GPU limit lies) and 1024^2; unfold, patches and loop
+# were 2-12x slower on the H200 and are measured only by a plain `bench/filter.py`. Then HDR
+# inference at 1000x1500 and the MFF training step, float32 and bfloat16, as shares of the
+# card's matmul peaks. Their budgets are fixed, from an H200 (2026-11-27), where one filter
+# program took 1-5 s to compile and run, one HDR configuration 30-45 s and one MFF step
+# configuration 60-100 s (a 57 s budget had measured no training step at all): in the default 5
+# minutes, the filter, HDR in both dtypes and the MFF step in float32 (bfloat16 too where
+# compiling is quicker). The inference and training grids share whatever GPU_BENCH_MINUTES
+# leaves beyond these 4.9 minutes: GPU_BENCH_MINUTES=12 measures about everything.
 slack=10  # per run: `timeout`'s margin over --budget-s
 hdr_s=85 step_s=130 filter_s=50
 grids=$((minutes * 60 - hdr_s - step_s - filter_s - 3 * slack))
