@@ -9,7 +9,7 @@ Reports the median time of `--repeats` calls after one warm-up (fewer, but at le
 they add up to `--max-seconds`), the formulations of one configuration called in turn
 (`common.timeit_interleaved`), effective GFLOP/s and XLA's temporary buffer size
 (`compiled.memory_analysis()`), then, per configuration, how much slower the formulation the
-model runs there (`default_formulation` of the backend and (B, S, S, C)) is than the best other
+model runs there (`default_formulation` of the platform and (B, S, S, C)) is than the best other
 one. FLOPs are counted as 2 k^2 B H W C for the forward pass (one multiply and one add per tap,
 channel and pixel) and three times that for forward + backward (which also yields d x and
 d taps).
@@ -168,7 +168,7 @@ def markdown(payload: dict[str, Any]) -> str:
             "temporary buffers (`memory_analysis()`).",
             common.markdown_table(payload["rows"], COLUMNS),
             f"The default on {payload['machine']['backend']} (`default_formulation`, by"
-            " backend and size) against the fastest other formulation measured"
+            " platform and size) against the fastest other formulation measured"
             f" ({verdict}):",
             common.markdown_table(payload["summary"], SUMMARY_COLUMNS),
         ]
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print("\n".join(common.markdown_table([], COLUMNS).splitlines()), flush=True)
     for size, width, mode in itertools.product(sorted(opts.sizes), opts.widths, opts.modes):
         args = inputs(opts.batch, size, width, opts.kernel_size, mode)
-        default = default_formulation(jax.default_backend(), args[0].shape)
+        default = default_formulation(jax.export.default_export_platform(), args[0].shape)
         group, programs = [], {}
         for name in names:
             row = {"mode": mode, "width": width, "size": size, "formulation": name}

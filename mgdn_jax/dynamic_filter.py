@@ -68,6 +68,22 @@ def _filter_padded(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
     return out.reshape(b, h, w, c).astype(xpad.dtype)
 
 
+def _filter_cf_padded(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
+    """`_filter_padded` computed channels-first: the (B, H + k - 1, W + k - 1, C) padded
+    features and (B, H, W, k*k) taps are transposed to (B, C, ...) and (B, k*k, H, W), so
+    that the k*k shifted multiply-adds vectorise along the image width rather than the few
+    channels; the (B, H, W, C) result is transposed back."""
+    _, h, w, _ = taps.shape
+    xpad_cf = jnp.transpose(xpad, (0, 3, 1, 2))
+    taps_cf = jnp.transpose(taps, (0, 3, 1, 2))
+    out = jnp.zeros((*xpad_cf.shape[:2], h, w), jnp.promote_types(xpad.dtype, jnp.float32))
+    for dy in range(k):
+        for dx in range(k):
+            t = k * dy + dx
+            out = out + xpad_cf[:, :, dy : dy + h, dx : dx + w] * taps_cf[:, t : t + 1]
+    return jnp.transpose(out, (0, 2, 3, 1)).astype(xpad.dtype)
+
+
 def _tap_gradients(xpad: jax.Array, g: jax.Array, k: int) -> jax.Array:
     """d taps: (B, H + k - 1, W + k - 1, C) padded input, (B, H, W, C) output cotangent ->
     (B, H, W, k*k), d taps[..., t] = sum_c (xpad shifted by t) * g.
@@ -148,14 +164,52 @@ def _with_filter_backward(
     return filter_fn
 
 
+# Per lowering platform (`jax.lax.platform_dependent`'s names), the largest B * H * W * C that
+# runs the channels-first forward pass; larger inputs, and every input on platforms not listed,
+# run the merged layout ("shifted"). From bench/filter.py on an H200
+# (bench/results/h200-2026-11-27-b/filter_merged.md), where a call at 256^2 is launch-bound:
+# channels-first 0.20 / 0.27 ms forward at C = 30 / 60 (2.0 / 3.9 M elements) against the
+# merged layout's 0.29 / 0.31 ms, but at 1024^2 (31 / 63 M) 3.08 / 4.33 against 2.37 / 2.72 ms.
+# Between those sizes the limit (8.4 M: 512^2 x 32) is not measured. On CPU the merged layout
+# is within noise of channels-first forward and 30-50 % faster forward + backward at every
+# size (README).
+_CHANNELS_FIRST_UP_TO: dict[str, int] = {"cuda": 1 << 23}
+
+
+def default_formulation(platform: str, shape: tuple[int, ...]) -> str:
+    """The `FORMULATIONS` key `dynamic_filter` runs when lowered for `platform` ("cpu", "cuda",
+    "rocm", "tpu": `jax.export.default_export_platform()` names the local one) on (B, H, W, C)
+    features of `shape`."""
+    channels_first = math.prod(shape) <= _CHANNELS_FIRST_UP_TO.get(platform, 0)
+    return "channels_first" if channels_first else "shifted"
+
+
+def _model_forward(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
+    """`_filter_padded` or `_filter_cf_padded`, whichever `default_formulation` names for the
+    size of the features and the platform the program is lowered for: both are traced, and
+    `jax.lax.platform_dependent` compiles only that platform's, so the choice holds for
+    ahead-of-time lowering, `jax.export` and any mix of backends in one process."""
+    shape = (*taps.shape[:3], xpad.shape[-1])
+    forwards = {"shifted": _filter_padded, "channels_first": _filter_cf_padded}
+    per_platform = {
+        platform: functools.partial(forwards[default_formulation(platform, shape)], k=k)
+        for platform in _CHANNELS_FIRST_UP_TO
+    }
+    return jax.lax.platform_dependent(
+        xpad, taps, default=functools.partial(_filter_padded, k=k), **per_platform
+    )
+
+
 _filter = _with_filter_backward(_filter_padded)
+_filter_cf = _with_filter_backward(_filter_cf_padded)
+_model_filter = _with_filter_backward(_model_forward)
 
 
 @functools.partial(jax.jit, static_argnames="kernel_size")
 def dynamic_filter(x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE) -> jax.Array:
     """Per-pixel dynamic filter, the model's path: the formulation `default_formulation` picks
-    for the backend and the size of `x` (both materialise no unfolded tensor and share one
-    backward pass).
+    for the platform it is lowered for and the size of `x` (both materialise no unfolded tensor
+    and share one backward pass).
 
     Args:
         x: (B, H, W, C) features.
@@ -166,8 +220,7 @@ def dynamic_filter(x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE
         (B, H, W, C) filtered features.
     """
     _check(x, taps, kernel_size)
-    chosen = _MODEL_PATHS[default_formulation(jax.default_backend(), x.shape)]
-    return chosen(x, taps, kernel_size)
+    return _model_filter(x, taps, kernel_size)
 
 
 @functools.partial(jax.jit, static_argnames="kernel_size")
@@ -196,7 +249,7 @@ def dynamic_filter_unfold(
 
 
 # ----------------------------------------------------------------------------- alternatives
-# Other formulations of the same filter, for `bench/filter.py` and backend-specific choice.
+# Other formulations of the same filter, for `bench/filter.py` and platform-specific choice.
 # They take and return what `dynamic_filter` does; all but the channels-first one are
 # differentiated by JAX's autodiff.
 
@@ -246,25 +299,6 @@ def dynamic_filter_loop(x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL
     return out.astype(x.dtype)
 
 
-def _filter_cf_padded(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
-    """`_filter_padded` computed channels-first: the (B, H + k - 1, W + k - 1, C) padded
-    features and (B, H, W, k*k) taps are transposed to (B, C, ...) and (B, k*k, H, W), so
-    that the k*k shifted multiply-adds vectorise along the image width rather than the few
-    channels; the (B, H, W, C) result is transposed back."""
-    _, h, w, _ = taps.shape
-    xpad_cf = jnp.transpose(xpad, (0, 3, 1, 2))
-    taps_cf = jnp.transpose(taps, (0, 3, 1, 2))
-    out = jnp.zeros((*xpad_cf.shape[:2], h, w), jnp.promote_types(xpad.dtype, jnp.float32))
-    for dy in range(k):
-        for dx in range(k):
-            t = k * dy + dx
-            out = out + xpad_cf[:, :, dy : dy + h, dx : dx + w] * taps_cf[:, t : t + 1]
-    return jnp.transpose(out, (0, 2, 3, 1)).astype(xpad.dtype)
-
-
-_filter_cf = _with_filter_backward(_filter_cf_padded)
-
-
 @functools.partial(jax.jit, static_argnames="kernel_size")
 def dynamic_filter_channels_first(
     x: jax.Array, taps: jax.Array, kernel_size: int = KERNEL_SIZE
@@ -283,29 +317,6 @@ FORMULATIONS: dict[str, Callable[..., jax.Array]] = {
     "loop": dynamic_filter_loop,
     "channels_first": dynamic_filter_channels_first,
 }
-
-# The formulations `dynamic_filter` chooses from, unjitted.
-_MODEL_PATHS: dict[str, Callable[[jax.Array, jax.Array, int], jax.Array]] = {
-    "shifted": _filter,
-    "channels_first": _filter_cf,
-}
-
-# Per backend, the largest B * H * W * C that runs the channels-first forward pass; larger
-# inputs, and every input on backends not listed, run the merged layout ("shifted"). From
-# bench/filter.py on an H200 (bench/results/h200-2026-11-27-b/filter_merged.md), where a call
-# at 256^2 is launch-bound: channels-first 0.20 / 0.27 ms forward at C = 30 / 60 (2.0 / 3.9 M
-# elements) against the merged layout's 0.29 / 0.31 ms, but at 1024^2 (31 / 63 M) 3.08 / 4.33
-# against 2.37 / 2.72 ms. Between those sizes the limit (8.4 M: 512^2 x 32) is not measured.
-# On CPU the merged layout is within noise of channels-first forward and 30-50 % faster
-# forward + backward at every size (README).
-_CHANNELS_FIRST_UP_TO: dict[str, int] = {"gpu": 1 << 23}
-
-
-def default_formulation(backend: str, shape: tuple[int, ...]) -> str:
-    """The `FORMULATIONS` key `dynamic_filter` runs on `backend` (a `jax.default_backend()`
-    name) for (B, H, W, C) features of `shape`."""
-    channels_first = math.prod(shape) <= _CHANNELS_FIRST_UP_TO.get(backend, 0)
-    return "channels_first" if channels_first else "shifted"
 
 
 class KernelPredictor(nnx.Module):

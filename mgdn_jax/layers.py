@@ -126,25 +126,32 @@ def _pad(kernel_size: int, dilation: int) -> int:
 def _conv(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
     """(B, H, W, I) * (k, k, I, O) -> (B, H, W, O), stride 1, zero padding that keeps H, W.
 
-    On CPU, O two short of a multiple of 16 (MFF's and GDSR's 30) gets two zero filters whose
-    outputs are sliced off: XLA:CPU's convolution (YNNPACK) computes 32 channels 10-20 %
-    faster than 30 (4 x 128^2 x 30 -> 30, 3x3: 21-25 ms -> 17-19 ms, the slice fused into
-    what follows).
+    Lowered for CPU (`jax.lax.platform_dependent`), O two short of a multiple of 16 (MFF's and
+    GDSR's 30) gets two zero filters whose outputs are sliced off: XLA:CPU's convolution
+    (YNNPACK) computes 32 channels 10-20 % faster than 30 (4 x 128^2 x 30 -> 30, 3x3:
+    21-25 ms -> 17-19 ms, the slice fused into what follows).
     """
+    pad = _pad(kernel.shape[0], dilation)
+
+    def convolve(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(1, 1),
+            padding=((pad, pad), (pad, pad)),
+            rhs_dilation=(dilation, dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+
     out = kernel.shape[-1]
     extra = -out % 16
-    if extra > 2 or jax.default_backend() != "cpu":
-        extra = 0
-    pad = _pad(kernel.shape[0], dilation)
-    y = jax.lax.conv_general_dilated(
-        x,
-        jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, extra))) if extra else kernel,
-        window_strides=(1, 1),
-        padding=((pad, pad), (pad, pad)),
-        rhs_dilation=(dilation, dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    return y[..., :out] if extra else y
+    if not 0 < extra <= 2:
+        return convolve(x, kernel)
+
+    def widened(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return convolve(x, jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, extra))))[..., :out]
+
+    return jax.lax.platform_dependent(x, kernel, cpu=widened, default=convolve)
 
 
 def add_each(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
@@ -157,25 +164,33 @@ def kernel_gradient(x: jax.Array, g: jax.Array) -> jax.Array:
     output cotangent -> (I, O), summed over all leading positions as one (P, I)^T (P, O)
     product of the maps as they lie.
 
-    On CPU, for O <= 3 and at most 32 products I * O (the local branch's 3 -> 3 convolution,
-    a 1-channel head) it is one variadic reduction of the I * O channel products instead
-    (float32 sums), a single pass over both maps: XLA:CPU's dot is several times slower on such
-    thin products (4 x 128^2: the nine taps of a 3 -> 3 3x3 conv 6.4 -> 1.0 ms, of a 30 -> 1
-    one 36.7 -> 3.6 ms). At O = 6, or O = 30 from I = 3, the dot is faster; 90 products
-    (30 -> 3) are faster as sums too, but made the MFF training step's program larger (compile
-    18 -> 26 s, peak RSS +140 MB).
+    Lowered for CPU (`jax.lax.platform_dependent`), for O <= 3 and at most 32 products I * O
+    (the local branch's 3 -> 3 convolution, a 1-channel head) it is one variadic reduction of
+    the I * O channel products instead (float32 sums), a single pass over both maps: XLA:CPU's
+    dot is several times slower on such thin products (4 x 128^2: the nine taps of a 3 -> 3
+    3x3 conv 6.4 -> 1.0 ms, of a 30 -> 1 one 36.7 -> 3.6 ms). At O = 6, or O = 30 from I = 3,
+    the dot is faster; 90 products (30 -> 3) are faster as sums too, but made the MFF training
+    step's program larger (compile 18 -> 26 s, peak RSS +140 MB).
     """
     i, o = x.shape[-1], g.shape[-1]
-    if o > 3 or i * o > 32 or jax.default_backend() != "cpu":
+
+    def as_matmul(x: jax.Array, g: jax.Array) -> jax.Array:
         return x.reshape(-1, i).T @ g.reshape(-1, o)
-    dtype = jnp.result_type(x, g)
-    acc = jnp.promote_types(dtype, jnp.float32)
-    products = tuple(
-        x[..., a].astype(acc) * g[..., b].astype(acc) for a in range(i) for b in range(o)
-    )
-    zeros = (jnp.zeros((), acc),) * len(products)
-    sums = jax.lax.reduce(products, zeros, add_each, tuple(range(x.ndim - 1)))
-    return jnp.stack(sums).reshape(i, o).astype(dtype)
+
+    if o > 3 or i * o > 32:
+        return as_matmul(x, g)
+
+    def as_sums(x: jax.Array, g: jax.Array) -> jax.Array:
+        dtype = jnp.result_type(x, g)
+        acc = jnp.promote_types(dtype, jnp.float32)
+        products = tuple(
+            x[..., a].astype(acc) * g[..., b].astype(acc) for a in range(i) for b in range(o)
+        )
+        zeros = (jnp.zeros((), acc),) * len(products)
+        sums = jax.lax.reduce(products, zeros, add_each, tuple(range(x.ndim - 1)))
+        return jnp.stack(sums).reshape(i, o).astype(dtype)
+
+    return jax.lax.platform_dependent(x, g, cpu=as_sums, default=as_matmul)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -3,7 +3,6 @@ unfold reference."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import math
@@ -71,25 +70,34 @@ def test_formulation_matches_unfold(name):
             np.testing.assert_allclose(ours, reference, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
-def test_model_path_runs_the_default_formulation(monkeypatch, backend):
-    """`dynamic_filter` traced as on `backend`, at a small and a large (abstract) input: it
-    runs channels-first (the only formulation with transposes) exactly where
-    `default_formulation` names it, which on a GPU is the small input only."""
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "rocm", "tpu"])
+def test_model_path_runs_the_default_formulation(platform):
+    """`dynamic_filter` exported for `platform` (no such device needed), at a small and a large
+    (abstract) input: it runs channels-first (the only formulation with transposes) exactly
+    where `default_formulation` names it, which on CUDA is the small input only."""
     chosen = []
     for size in (16, 1024):
         shape = (1, size, size, 30)
         x = jax.ShapeDtypeStruct(shape, jnp.float32)
         taps = jax.ShapeDtypeStruct((*shape[:3], 49), jnp.float32)
-        fresh = functools.partial(dynamic_filter.__wrapped__)  # not in any trace cache
-        program = jax.jit(fresh).lower(x, taps).as_text()
-        name = default_formulation(backend, shape)
+        program = jax.export.export(dynamic_filter, platforms=(platform,))(x, taps).mlir_module()
+        name = default_formulation(platform, shape)
         assert name in FORMULATIONS
-        assert ("transpose" in program) == (name == "channels_first"), (backend, size)
+        assert ("transpose" in program) == (name == "channels_first"), (platform, size)
         chosen.append(name)
-    expected = ["channels_first", "shifted"] if backend == "gpu" else ["shifted", "shifted"]
+    expected = ["channels_first", "shifted"] if platform == "cuda" else ["shifted", "shifted"]
     assert chosen == expected
+
+
+def test_exported_model_path_runs_on_each_platform():
+    """One program exported for CUDA and CPU holds both forward passes (the CUDA one's
+    transposes) and, called on this CPU, gives the unfold reference's result."""
+    x, taps = (jnp.asarray(a, jnp.float32) for a in random_inputs((1, 8, 9, 6), 7))
+    exported = jax.export.export(dynamic_filter, platforms=("cuda", "cpu"))(x, taps)
+    assert "transpose" in exported.mlir_module()
+    np.testing.assert_allclose(
+        exported.call(x, taps), dynamic_filter_unfold(x, taps), rtol=1e-5, atol=1e-5
+    )
 
 
 def read_json(path: Path) -> dict:
@@ -119,7 +127,9 @@ def test_filter_bench(bench, tmp_path):
         assert row["temp_mb"] >= 0
     assert len(payload["summary"]) == 2
     for s in payload["summary"]:
-        assert s["default"] == default_formulation(jax.default_backend(), (1, 16, 16, 6))
+        assert s["default"] == default_formulation(
+            jax.export.default_export_platform(), (1, 16, 16, 6)
+        )
         assert s["best_other"] != s["default"]
     skipped = filter_bench.main(
         [*args, "--formulations", "unfold", "--modes", "forward", "--max-gb", "0"]

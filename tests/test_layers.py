@@ -73,6 +73,22 @@ def test_conv_with_padded_filters_equals_plain_convolution():
         _assert_same_grads(lambda x, k: conv2d(x, k, 2), plain, *args)
 
 
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
+def test_cpu_forms_are_lowered_for_cpu_only(platform: str):
+    """A 30-filter convolution computed with 32 filters, and a thin kernel gradient (3 -> 3) as
+    sums rather than a dot, are what the program exported for CPU holds, and no other's."""
+    x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
+    kernel = jax.ShapeDtypeStruct((3, 3, 3, 30), jnp.float32)
+
+    def program(fn, *args) -> str:
+        return jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+
+    widened = "tensor<3x3x3x32xf32>" in program(lambda a, b: _conv(a, b, 1), x, kernel)
+    assert widened == (platform == "cpu")
+    as_dot = "dot_general" in program(kernel_gradient, x, x)
+    assert as_dot == (platform != "cpu")
+
+
 def test_depthwise_gradients_match_autodiff():
     with jax.enable_x64(True):
         x, kernel = _random((2, 6, 5, 4), 2), _random((3, 3, 4), 3)
