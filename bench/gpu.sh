@@ -30,7 +30,7 @@ mkdir -p "$out"
 
 # The first three runs are what the performance issue asks of a GPU. First the filter: the
 # formulation `dynamic_filter` picks (`default_formulation`, by size on a GPU) against the
-# other one, at 256^2, 512^2 (where its GPU limit lies) and 1024^2; unfold, patches and loop
+# other one, at 256^2 and 512^2 (either side of its GPU limit) and 1024^2; unfold, patches and loop
 # were 2-12x slower on the H200 and are measured only by a plain `bench/filter.py`. Then HDR
 # inference at 1000x1500 and the MFF training step, float32 and bfloat16, as shares of the
 # card's matmul peaks. Their budgets are fixed, from an H200 (2026-11-27), where one filter

@@ -170,10 +170,14 @@ def _with_filter_backward(
 # (bench/results/h200-2026-11-27-b/filter_merged.md), where a call at 256^2 is launch-bound:
 # channels-first 0.20 / 0.27 ms forward at C = 30 / 60 (2.0 / 3.9 M elements) against the
 # merged layout's 0.29 / 0.31 ms, but at 1024^2 (31 / 63 M) 3.08 / 4.33 against 2.37 / 2.72 ms.
-# Between those sizes the limit (8.4 M: 512^2 x 32) is not measured. On CPU the merged layout
+# Lines through these points cross at about 5.3 M elements at both widths (forward + backward:
+# 1.5 M at C = 30, 8.5 M at C = 60), and the channels-first times at 256^2 of other runs
+# (0.2-0.5 ms) put the forward crossing as low as 1.5 M. The limit 2^22 (4.2 M) leaves 512^2 x 30
+# (7.9 M) and MFF's padded 520^2 inputs, 528^2 x 30 (8.4 M), where the lines put channels-first
+# 9-11 % behind, to the merged layout; 512^2 itself is not measured. On CPU the merged layout
 # is within noise of channels-first forward and 30-50 % faster forward + backward at every
 # size (README).
-_CHANNELS_FIRST_UP_TO: dict[str, int] = {"cuda": 1 << 23}
+_CHANNELS_FIRST_UP_TO: dict[str, int] = {"cuda": 1 << 22}
 
 
 def default_formulation(platform: str, shape: tuple[int, ...]) -> str:
