@@ -37,9 +37,13 @@ QABF_GAMMA_G, QABF_KAPPA_G, QABF_SIGMA_G = 0.9994, -15.0, 0.5
 QABF_GAMMA_A, QABF_KAPPA_A, QABF_SIGMA_A = 0.9879, -22.0, 0.8
 QABF_L = 1.0
 
-# Ma, Zeng & Wang (2015): structure weighting exponent and the three-scale weights (the first
-# three MS-SSIM weights, renormalised to sum to 1).
-MEF_SSIM_P = 4.0
+# Ma, Zeng & Wang (2015), as their MATLAB release computes it: the largest structure exponent
+# p, the offset added to patch strengths, the float64 machine epsilon that keeps the consistency
+# ratio and the structure weights defined, and the three-scale weights (the first three MS-SSIM
+# weights, renormalised to sum to 1).
+MEF_SSIM_P_MAX = 10.0
+MEF_SSIM_STRENGTH_OFFSET = 1e-3
+MEF_SSIM_EPS = float(np.finfo(np.float64).eps)
 MEF_SSIM_SCALE_WEIGHTS = (0.0448, 0.2856, 0.3001)
 
 # Sheikh & Bovik pixel-domain VIF: HVS noise variance (for 0..255 data) and number of scales.
@@ -63,8 +67,10 @@ FUSION_METRIC_CONVENTION: dict[str, str | int | float] = {
     "Qabf": "Xydeas-Petrovic 2000, 3x3 Sobel with zero padding, L = 1; 0 if no edges at all",
     "VIF": "multi-scale pixel-domain VIF (Sheikh & Bovik 2006), vifp(A, F) + vifp(B, F)",
     "MEF-SSIM": (
-        "Ma, Zeng & Wang 2015: p = 4, 11x11 Gaussian window sigma 1.5 (valid), C = (0.03*255)^2, "
-        "3 scales (2x2 mean pooling) weighted 0.0448/0.2856/0.3001 (renormalised)"
+        "Ma, Zeng & Wang 2015 as in their MATLAB release: 11x11 patches (valid), decomposed with "
+        "a box window, p = tan(pi R / 2) <= 10 from the structural consistency R, compared with "
+        "an 11x11 Gaussian window sigma 1.5, C = (0.03*255)^2; 3 scales (2x2 means, an odd last "
+        "row / column mirrored) combined as prod Q_l^w_l, w = 0.0448/0.2856/0.3001 renormalised"
     ),
 }
 
@@ -351,60 +357,80 @@ def qabf(fused: jax.Array, source_a: jax.Array, source_b: jax.Array) -> jax.Arra
 def _mef_ssim_scale(fused: jax.Array, sources: jax.Array, c: float) -> jax.Array:
     """Mean local MEF-SSIM at one scale; fused (H, W), sources (K, H, W), each mean-centred.
 
-    With window-weighted inner products, source patch k has strength c_k = sigma_k and structure
-    s_k = x~_k / sigma_k. The desired patch is x^ = c^ s^ with c^ = max_k sigma_k and
-    s^ = s- / ||s-||, s- = sum_k sigma_k^p s_k / sum_k sigma_k^p, i.e. s- ~ sum_k beta_k x~_k,
-    beta_k = (sigma_k / c^)^(p-1). Then sigma_{x^ y} = c^ sum_k beta_k cov(x_k, y) /
-    sqrt(sum_jk beta_j beta_k cov(x_j, x_k)) and S = (2 sigma_{x^ y} + C) / (c^2 + sigma_y^2 + C).
+    In every 11x11 patch (n = 121 pixels) source k is x~_k = x_k - (box mean), with strength
+    e_k = ||x~_k|| + 1e-3. The structural consistency R = ||sum_k x~_k|| / sum_k ||x~_k|| sets
+    the exponent p = tan(pi R / 2) (at most 10); the weights w_k = (e_k / 11)^p + eps, normalised,
+    give the structure r = sum_k w_k x~_k / e_k, and the desired patch is x^ = max_k e_k r / ||r||
+    (0 where r = 0). It is compared with the fused patch y by
+    S = (2 sigma_{x^ y} + C) / (sigma_x^^2 + sigma_y^2 + C), statistics under the Gaussian window.
+    As x^ = lambda sum_k a_k x~_k (a_k = w_k / e_k), local box and Gaussian covariances suffice.
     """
-    taps = gaussian_window(SSIM_WINDOW, SSIM_SIGMA)
+    n = SSIM_WINDOW**2
     k = sources.shape[0]
-    mu = filter_valid(sources, taps)
+    products = jnp.stack([sources[i] * sources[j] for i in range(k) for j in range(k)])
+
+    def covariances(taps: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """(K, H', W') local means and (K, K, H', W') local covariances of the sources."""
+        mu = filter_valid(sources, taps)
+        cov = filter_valid(products, taps) - (mu[:, None] * mu[None, :]).reshape(
+            k * k, *mu.shape[1:]
+        )
+        return mu, cov.reshape(k, k, *mu.shape[1:])
+
+    _, box_cov = covariances(np.full(SSIM_WINDOW, 1.0 / SSIM_WINDOW, np.float32))
+    norms = jnp.sqrt(n * jnp.maximum(jnp.moveaxis(jnp.diagonal(box_cov), -1, 0), 0.0))
+    sum_norm = jnp.sqrt(n * jnp.maximum(jnp.sum(box_cov, axis=(0, 1)), 0.0))
+    consistency = (sum_norm + MEF_SSIM_EPS) / (jnp.sum(norms, axis=0) + MEF_SSIM_EPS)
+    # tan(pi R / 2) reaches the cap below R = 1, where float32 tan turns large and negative.
+    r_cap = 2 / math.pi * math.atan(MEF_SSIM_P_MAX)
+    p = jnp.tan(math.pi / 2 * jnp.minimum(consistency, r_cap))
+    strength = norms + MEF_SSIM_STRENGTH_OFFSET
+    w = (strength / SSIM_WINDOW) ** p + MEF_SSIM_EPS
+    a = w / jnp.sum(w, axis=0) / strength
+    r_norm = jnp.sqrt(n * jnp.einsum("jhw,khw,jkhw->hw", a, a, box_cov, precision=HIGHEST))
+    scale = jnp.max(strength, axis=0) / jnp.where(r_norm > 0, r_norm, jnp.inf)
+
+    taps = gaussian_window(SSIM_WINDOW, SSIM_SIGMA)
+    mu, cov = covariances(taps)
     mu_y = filter_valid(fused[None], taps)[0]
     var_y = jnp.maximum(filter_valid(fused[None] ** 2, taps)[0] - mu_y**2, 0.0)
-    cross = jnp.stack([sources[i] * sources[j] for i in range(k) for j in range(k)])
-    cov = filter_valid(cross, taps) - (mu[:, None] * mu[None, :]).reshape(k * k, *mu.shape[1:])
-    cov = cov.reshape(k, k, *mu.shape[1:])
     cov_y = filter_valid(sources * fused[None], taps) - mu * mu_y[None]
-    sigma = jnp.sqrt(jnp.maximum(jnp.diagonal(cov, axis1=0, axis2=1).transpose(2, 0, 1), 0.0))
-    c_hat = jnp.max(sigma, axis=0)
-    beta = (sigma / jnp.where(c_hat > 0, c_hat, 1.0)) ** (MEF_SSIM_P - 1.0)
-    norm2 = jnp.einsum("jhw,khw,jkhw->hw", beta, beta, cov, precision=HIGHEST)
-    proj = jnp.sum(beta * cov_y, axis=0)
-    ok = norm2 > 1e-12
-    sigma_xy = jnp.where(ok, c_hat * proj / jnp.sqrt(jnp.where(ok, norm2, 1.0)), 0.0)
-    return jnp.mean((2 * sigma_xy + c) / (c_hat**2 + var_y + c))
+    x_quad = jnp.einsum("jhw,khw,jkhw->hw", a, a, cov, precision=HIGHEST)
+    var_x = scale**2 * jnp.maximum(x_quad, 0.0)
+    cov_xy = scale * jnp.sum(a * cov_y, axis=0)
+    return jnp.mean((2 * cov_xy + c) / (var_x + var_y + c))
 
 
-def _pool2(x: jax.Array) -> jax.Array:
-    """2x2 mean pooling of (..., H, W), an odd last row / column dropped."""
-    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
-    x = x[..., :h, :w]
+def _halve(x: jax.Array) -> jax.Array:
+    """(..., H, W) -> (..., ceil(H / 2), ceil(W / 2)): means of 2x2 blocks at even offsets, an odd
+    last row / column averaged with its mirror image (itself), as MATLAB's
+    imfilter(x, ones(2) / 4, 'symmetric') sampled at x(1:2:end, 1:2:end)."""
+    x = jnp.pad(
+        x, [(0, 0)] * (x.ndim - 2) + [(0, x.shape[-2] % 2), (0, x.shape[-1] % 2)], mode="symmetric"
+    )
     return 0.25 * (
         x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]
     )
 
 
-def mef_ssim(
-    fused: jax.Array, sources: Sequence[jax.Array], data_range: float = 255.0
-) -> jax.Array:
+def mef_ssim(fused: jax.Array, sources: Sequence[jax.Array]) -> jax.Array:
     """MEF-SSIM (Ma, Zeng & Wang 2015): prod_l Q_l^{w_l} over 3 scales, Q_l the mean local score
-    of `_mef_ssim_scale` with C = (0.03 data_range)^2 (each Q_l clipped at 0 first).
+    of `_mef_ssim_scale` with C = (0.03 * 255)^2 (each Q_l clipped at 0 first).
 
-    fused and sources: (H, W) grey planes (0..255 by default), H, W >= 44. 1 when every source
-    equals the fused image.
+    fused and sources: (H, W) grey planes on the 0..255 scale (the release's constants assume
+    it), H, W >= 44. Within 1e-6 of 1 when every source equals the fused image.
     """
     f = jnp.asarray(fused, jnp.float32)
     s = jnp.stack([jnp.asarray(x, jnp.float32) for x in sources])
     _check_window(tuple(d // 4 for d in f.shape), SSIM_WINDOW, "MEF-SSIM (3 scales)")
-    c = (SSIM_K2 * data_range) ** 2
+    c = (SSIM_K2 * 255.0) ** 2
     weights = np.asarray(MEF_SSIM_SCALE_WEIGHTS) / sum(MEF_SSIM_SCALE_WEIGHTS)
     f = f - jnp.mean(f)
     s = s - jnp.mean(s, axis=(1, 2), keepdims=True)
     score = jnp.ones(())
     for level, weight in enumerate(weights):
         if level:
-            f, s = _pool2(f), _pool2(s)
+            f, s = _halve(f), _halve(s)
         score = score * jnp.maximum(_mef_ssim_scale(f, s, c), 0.0) ** weight
     return score
 
