@@ -7,19 +7,19 @@
 
 The jitted step of `mgdn_jax.train_lib.make_train_step` (forward, task loss, backward, optimizer
 update) on a configuration from `configs/<task>.py` (GDSR x4, and x16 for gdsr16), with random
-parameters (speed does not depend on them) and a random batch with a target (so MFF / MEF
-train with their L1 reference loss). Patch size: the config's `data.patch_size` (128; GDSR 256)
-unless `--patch`; batch: 4 for every variant (the issue's MFF reference, 4 x 128^2; the configs
-train with a global batch of 8) unless `--batch`. `--override` sets any config field, e.g.
-`model.depths=(1,1)`. Every combination of `--dtypes` (compute dtype; parameters stay float32),
-`--nmi` (on: the config's NMI redundancy loss; off: `loss.nmi_lambda=0`, the NMI not computed
-at all) and `--remat` is measured, each in a child process of its own (peak RSS per
-configuration) unless --in-process. Reports compile time, the median of `--repeats` steps
-after one warm-up as s/step, steps/s and images/s, XLA's FLOPs per step, XLA's temporary
-buffers, XLA's FLOPs per second as a share of the matmul peak in the same dtype (measured in
-the same run; off CPU also of the full-float32 peak) and the peak RSS / device peak.
-Combinations run in the order given with the variant innermost, so that with `--budget-s` the
-first combination is measured for every variant before the budget runs out.
+parameters (speed does not depend on them) and a random batch with a target (so MFF / MEF train with
+their L1 reference loss). Patch size: the config's `data.patch_size` (128; GDSR 256) unless
+`--patch`; batch: 4 for every variant (the issue's MFF reference, 4 x 128^2, and the release's HDR
+and GDSR batch; the MFF and MEF configs train with 8) unless `--batch`. `--override` sets any config
+field, e.g. `model.depths=(1,1)`. Every combination of `--dtypes` (compute dtype; parameters stay
+float32), `--nmi` (on: the config's NMI redundancy loss; off: `loss.nmi_lambda=0`, the NMI not
+computed at all) and `--remat` is measured, each in a child process of its own (peak RSS per
+configuration) unless --in-process. Reports compile time, the median of `--repeats` steps after one
+warm-up as s/step, steps/s and images/s, XLA's FLOPs per step, XLA's temporary buffers, XLA's FLOPs
+per second as a share of the matmul peak in the same dtype (measured in the same run; off CPU also
+of the full-float32 peak) and the peak RSS / device peak. Combinations run in the order given with
+the variant innermost, so that with `--budget-s` the first combination is measured for every variant
+before the budget runs out.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
         [--workdir DIR] [--config.FIELD=VALUE ...]
 
 Every image of `config.eval.split` of `config.eval.dataset` is fused with the padding of
-`config.eval.pad` ("official": the official script's flip padding to the next multiple of 8
-beyond the size; "model": only the network's own reflect padding) and measured:
+`config.eval.pad` ("official": the release's inference procedure for the task, see
+`inference.run`; "model": only the network's own reflect padding) and measured:
 - fusion (MFF / MEF): on the output quantised to uint8 exactly as it is saved (clip to [0, 1],
   x255, round half to even). With a reference: PSNR and SSIM of that image / 255 against the
   reference. The no-reference fusion metrics of `mgdn_jax.metrics.fusion_metrics` (EN, SD, SF,
@@ -48,9 +48,10 @@ SSIM_DEFINITION = (
     f"K1 {metrics.SSIM_K1}, K2 {metrics.SSIM_K2}, population statistics, only windows inside "
     "the image, mean over channels"
 )
-PADDING = {
-    "official": "flip padding to the next multiple of 8 beyond the size (the official script)",
-    "model": "the network's own reflect padding to its window multiple",
+OFFICIAL_PROCEDURE = {
+    input_pipeline.FUSION: "flip padding to the next multiple of 8 beyond the size",
+    input_pipeline.HDR: "500x500 blocks run one by one, each with the network's reflect padding",
+    input_pipeline.GDSR: "the whole image, with the network's reflect padding only",
 }
 USAGE = """\
 usage: mgdn-eval --config configs/<task>.py[:arg] --config.weights=PATH [--workdir DIR]
@@ -129,7 +130,11 @@ def image_metrics(
 
 def metric_convention(task: str, names: Sequence[str], pad: str) -> dict[str, Any]:
     """How the metrics `names` of `task` are computed, for the results files."""
-    convention: dict[str, Any] = {"padding": f"{pad}: {PADDING[pad]}"}
+    if pad == "official":
+        padding = f"official: {OFFICIAL_PROCEDURE[task]} (the release's inference script)"
+    else:
+        padding = "model: the network's own reflect padding to its window multiple"
+    convention: dict[str, Any] = {"padding": padding}
     if task == input_pipeline.HDR:
         mu = f"{metrics.MU:g}"
         convention["output"] = "linear HDR, float32, not quantised"
@@ -138,7 +143,9 @@ def metric_convention(task: str, names: Sequence[str], pad: str) -> dict[str, An
             "psnr_mu, ssim_mu": f"of the mu-law tone-mapped images log(1 + {mu} x) / "
             f"log(1 + {mu}), data range 1",
             "psnr_l, ssim_l": "of the linear images, data range 1",
-            "ssim": SSIM_DEFINITION,
+            "ssim": f"{metrics.HDR_SSIM_WINDOW}x{metrics.HDR_SSIM_WINDOW} uniform window, K1 "
+            f"{metrics.SSIM_K1}, K2 {metrics.SSIM_K2}, sample statistics, only windows inside "
+            "the image, mean over channels (scikit-image's defaults, as the release evaluates)",
         }
     elif task == input_pipeline.GDSR:
         convention["output"] = "min/max-normalised depth, float32, clipped to [0, 1]"
@@ -224,7 +231,7 @@ def evaluate(
     written = 0
     for batch in progress(input_pipeline.create_eval_loader(config)):
         name = str(batch["name"][0])
-        output = run(forward, [x[0] for x in batch["inputs"]], model.window_size, ev.pad)
+        output = run(forward, [x[0] for x in batch["inputs"]], model.window_size, ev.pad, task)
         values = image_metrics(task, output, batch, names)
         rows.append((name, [values[k] for k in names]))
         keep = len(samples) < num_samples

@@ -8,8 +8,9 @@
     mgdn-fuse --variant mff --weights W --dtype bfloat16 --output out.png A.jpg B.jpg
 
 The output suffix picks the format: .png/.jpg uint8 with the official quantisation (clip, x255,
-round), .npy float32 before quantisation, .tif 16-bit, .hdr Radiance (HDR). GDSR writes the
-depth in the units of the input (.npy) and a coloured preview beside it (`NAME.preview.png`).
+round), .npy float32 before quantisation, .tif 16-bit, .hdr Radiance (HDR). GDSR writes only
+.npy, the depth in the units of the input, and a coloured preview beside it
+(`NAME.preview.png`).
 `--tile` fuses large images in overlapping tiles (an approximation, see the README);
 `--dtype bfloat16` computes in bfloat16 with float32 parameters.
 """
@@ -33,7 +34,7 @@ from mgdn_jax.inference import (
     jit_forward,
     run,
 )
-from mgdn_jax.variants import VARIANTS, model_config
+from mgdn_jax.variants import VARIANTS, gdsr_rgb, model_config
 
 HDR_GAMMA = 2.2
 INPUT_COUNT = {"mff": 2, "mef": 2, "hdr": 3, "gdsr": 2, "gdsr16": 2}
@@ -69,7 +70,7 @@ def prepare(variant: str, paths: list[Path], args: argparse.Namespace) -> tuple[
         lo, hi = float(lr.min()), float(lr.max())
         normalised = (lr - lo) / (hi - lo) if hi > lo else np.zeros_like(lr)
         up = bicubic_resize(normalised, (h, w))[..., None]
-        return [rgb, up.astype(np.float32)], {"depth_range": (lo, hi)}
+        return [gdsr_rgb(rgb), up.astype(np.float32)], {"depth_range": (lo, hi)}
     images = [image_io.read_image(p) for p in paths]
     _same_size(paths, images)
     if variant == "hdr":
@@ -84,7 +85,7 @@ def finish(variant: str, output: np.ndarray, extras: dict, path: Path) -> None:
     if variant.startswith("gdsr"):
         lo, hi = extras["depth_range"]
         depth = np.clip(output[..., 0], 0.0, 1.0) * (hi - lo) + lo
-        image_io.write_output(path, depth[..., None] if path.suffix != ".npy" else depth)
+        image_io.write_output(path, depth)
         image_io.write_output(path.with_suffix(".preview.png"), image_io.depth_preview(depth))
     else:
         image_io.write_output(path, output)
@@ -119,7 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="output file (suffix picks the format)")
     p.add_argument("--input-dir", nargs="+", type=Path, help="one directory per input")
     p.add_argument("--output-dir", type=Path, help="with --input-dir")
-    p.add_argument("--format", default=".png", help="output suffix in directory mode")
+    p.add_argument(
+        "--format", help="output suffix in directory mode (default .png; GDSR .npy, the only one)"
+    )
     p.add_argument("--pad", choices=("official", "model"), default="official")
     p.add_argument("--scale", type=int, default=4, help="GDSR upsampling factor")
     p.add_argument("--exposures", type=float, nargs="+", help="HDR: EV stops of the frames")
@@ -165,12 +168,12 @@ def _jobs(args: argparse.Namespace) -> list[tuple[list[Path], Path]]:
             raise UserError("use either INPUT... --output or --input-dir ... --output-dir")
         if args.output_dir is None:
             raise UserError("--input-dir needs --output-dir")
-        if not args.format.startswith("."):
-            args.format = "." + args.format
+        suffix = args.format or (".npy" if args.variant.startswith("gdsr") else ".png")
+        if not suffix.startswith("."):
+            suffix = "." + suffix
         args.output_dir.mkdir(parents=True, exist_ok=True)
         return [
-            (group, args.output_dir / (group[0].stem + args.format))
-            for group in _pairs(args.input_dir)
+            (group, args.output_dir / (group[0].stem + suffix)) for group in _pairs(args.input_dir)
         ]
     if args.output is None or not args.inputs:
         raise UserError("give the input files and --output (or --input-dir/--output-dir)")
@@ -182,6 +185,11 @@ def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) 
     jobs = _jobs(args)
     for paths, out in jobs:
         image_io.check_writable(out)
+        if args.variant.startswith("gdsr") and out.suffix.lower() != ".npy":
+            raise UserError(
+                f"{out}: GDSR writes depth as .npy (float32, in the input's units); an image "
+                "format would clip it to [0, 1]"
+            )
         for p in paths:
             if not p.is_file():
                 raise UserError(f"{p}: no such file")
@@ -207,6 +215,7 @@ def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) 
             inputs,
             model.window_size,
             args.pad,
+            model_config(args.variant).task,
             tile=args.tile,
             overlap=args.tile_overlap,
             tile_batch=args.tile_batch,

@@ -1,5 +1,5 @@
-"""Inference helpers: the official script's outer padding, a jit-compiled forward pass (float32
-or bfloat16), and tiled inference for images too large to run whole.
+"""Inference helpers: the official scripts' inference procedures, a jit-compiled forward pass
+(float32 or bfloat16), and tiled inference for images too large to run whole.
 
 Flax and the model are imported where they are used, so that the command-line tools parse their
 arguments (and validate tiling options) without loading them.
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 PAD_MODES = ("official", "model")
 DTYPES = ("float32", "bfloat16")
 OFFICIAL_MULTIPLE = 8
+OFFICIAL_HDR_BLOCK = 500
 DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 64
 
@@ -197,17 +198,20 @@ def run(
     inputs: list[np.ndarray],
     window: int,
     pad: str = "official",
+    task: str = "fusion",
     tile: int | None = None,
     overlap: int | None = None,
     tile_batch: int = 1,
 ) -> np.ndarray:
     """Runs one example: (H, W, C_i) float32 inputs -> (H, W, C_out) float32 output.
 
-    pad='official' reproduces the official inference script (flip padding to the next multiple
-    of 8 beyond the size, then the network's own reflect padding); pad='model' uses only the
-    network's reflect padding to its window multiple. With `tile`, a padded image larger than
-    `tile` on either side is fused by `run_tiled` in tiles overlapping by `overlap` pixels,
-    `tile_batch` at a time; smaller images run whole.
+    pad='official' reproduces the release's inference script for `task`: "fusion" (MFF, MEF)
+    flip-pads to the next multiple of 8 beyond the size; "hdr" runs the 500 x 500 blocks of the
+    release's test loop one by one (edge blocks smaller), "gdsr" the whole image, both with the
+    network's own reflect padding only. pad='model' runs the whole image with the network's
+    reflect padding to its window multiple. With `tile`, a padded image (or HDR block) larger
+    than `tile` on either side is fused by `run_tiled` in tiles overlapping by `overlap` pixels,
+    `tile_batch` at a time; smaller ones run whole.
     """
     from mgdn_jax.model import check_reflect_pad
 
@@ -216,8 +220,30 @@ def run(
     if tile is not None:
         check_tiling(tile, overlap, window, tile_batch)
     h, w = inputs[0].shape[:2]
+    if pad == "official" and task == "hdr" and max(h, w) > OFFICIAL_HDR_BLOCK:
+        n = OFFICIAL_HDR_BLOCK
+        blocks = [
+            (slice(i, i + n), slice(j, j + n)) for i in range(0, h, n) for j in range(0, w, n)
+        ]
+        outs = [
+            run(
+                forward,
+                [x[rows, cols] for x in inputs],
+                window,
+                "model",
+                task,
+                tile,
+                overlap,
+                tile_batch,
+            )
+            for rows, cols in blocks
+        ]
+        out = np.empty((h, w, outs[0].shape[-1]), np.float32)
+        for (rows, cols), block_out in zip(blocks, outs):
+            out[rows, cols] = block_out
+        return out
     batch = [x[None] for x in inputs]
-    if pad == "official":
+    if pad == "official" and task == "fusion":
         size = official_padded_size(h, w)
         batch = [flip_pad(x, size) for x in batch]
     check_reflect_pad(*batch[0].shape[1:3], window)
@@ -226,7 +252,7 @@ def run(
         out = forward(*(jnp.asarray(x) for x in batch))
         return np.asarray(out[0, :h, :w])
     images = [x[0] for x in batch]
-    if images[0].shape[:2] != (hp, wp):  # pad='model': the network's reflect padding, here
+    if images[0].shape[:2] != (hp, wp):  # no flip padding: the network's reflect padding, here
         widths = ((0, hp - images[0].shape[0]), (0, wp - images[0].shape[1]), (0, 0))
         images = [np.pad(x, widths, mode="reflect") for x in images]
     return run_tiled(forward, images, window, tile, overlap, tile_batch)[:h, :w]

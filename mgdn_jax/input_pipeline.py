@@ -2,18 +2,21 @@
 
 Every batch is a dict:
 - `inputs`: tuple of (B, H, W, C) float32 arrays. Fusion (MFF/MEF): (source_1, source_2) RGB in
-  [0, 1]. HDR: three (B, H, W, 6) frames LDR || LDR^gamma / t, t = 2^EV. GDSR: (RGB in [0, 1],
-  (B, H, W, 1) min/max-normalised depth downsampled by PIL bicubic and upsampled back with
-  PyTorch's bicubic kernel), as the official release builds them.
+  [0, 1]. HDR: three (B, H, W, 6) frames LDR || LDR^gamma / t, t = 2^EV. GDSR: (RGB in [0, 1]
+  standardised with ImageNet's mean and std (`variants.gdsr_rgb`), (B, H, W, 1) min/max-normalised
+  depth downsampled by PIL bicubic and upsampled back with PyTorch's bicubic kernel), as the
+  official release builds them.
 - `target`: (B, H, W, C) float32 (fusion: RGB in [0, 1]; HDR: linear HDR; GDSR: normalised depth,
   C = 1); absent when the dataset has no reference.
 - extras: HDR `exposure_times` (B, 3); GDSR `depth_min`, `depth_max` (B,) (metres), which undo
   the normalisation for evaluation.
 - `name`: (B,) str example ids.
 
-Training (`create_train_loader`): shuffled, repeated forever, aligned random `patch_size` crops,
-one of the 8 flip/rotation modes per example (the same on all its arrays), batches of
-`global_batch / process_count` per process (`ShardByJaxProcess`). The stream is a function of
+Training (`create_train_loader`): shuffled, repeated forever, aligned random `patch_size` crops
+(GDSR depth normalised by the crop's own range, as the release does), one orientation per
+example (the same on all its arrays; `ORIENTATIONS`: the release's four flips for HDR and GDSR,
+all eight symmetries for fusion), batches of `global_batch / process_count` per process
+(`ShardByJaxProcess`). The stream is a function of
 `data.seed` and `data.num_workers`; `iter(loader)` gives a `grain.DataLoaderIterator` whose
 `get_state()` / `set_state()` (or `grain.checkpoint.CheckpointSave` / `CheckpointRestore` items
 in an orbax checkpoint) resume it exactly. Evaluation (`create_eval_loader`): full images in
@@ -38,9 +41,13 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from mgdn_jax.resize import bicubic_matrix
+from mgdn_jax.variants import gdsr_rgb
 
 FUSION, HDR, GDSR = "fusion", "hdr", "gdsr"
-NUM_ORIENTATIONS = 8
+# Training orientations (`orient` modes) per task. The release's HDR and GDSR loaders draw one of
+# {identity, left-right flip, up-down flip, half turn} (GDSR as two independent flips); fusion,
+# whose training the release does not ship, uses all eight symmetries.
+ORIENTATIONS = {FUSION: tuple(range(8)), HDR: (0, 2, 4, 6), GDSR: (0, 2, 4, 6)}
 
 
 def task_of(features: Iterable[str]) -> str:
@@ -91,24 +98,25 @@ def _spatial(element: dict[str, Any], task: str) -> tuple[dict[str, np.ndarray],
         spatial["target"] = element["target"]
         return spatial, {"exposure_times": np.exp2(element["exposure_ev"]).astype(np.float32)}
     if task == GDSR:
-        depth = element["depth"]
-        low, high = depth.min(), depth.max()
-        normalised = ((depth - low) / (high - low)).astype(np.float32)
-        extras = {"depth_min": np.float32(low), "depth_max": np.float32(high)}
-        return {"rgb": element["rgb"], "depth": normalised}, extras
+        return {"rgb": element["rgb"], "depth": element["depth"]}, {}
     keys = ("source_1", "source_2", "target")
     return {key: element[key] for key in keys if key in element}, {}
 
 
 def _crop(
-    spatial: dict[str, np.ndarray], size: int, rng: np.random.Generator, name: str
+    spatial: dict[str, np.ndarray],
+    size: int,
+    rng: np.random.Generator,
+    name: str,
+    modes: tuple[int, ...],
 ) -> dict[str, np.ndarray]:
-    """One random size x size window and orientation, the same for every array."""
+    """One random size x size window and orientation (one of `modes`), the same for every
+    array."""
     height, width = next(iter(spatial.values())).shape[:2]
     if height < size or width < size:
         raise ValueError(f"example {name!r} is {height}x{width}, smaller than patch {size}")
     top, left = rng.integers(height - size + 1), rng.integers(width - size + 1)
-    mode = int(rng.integers(NUM_ORIENTATIONS))
+    mode = modes[int(rng.integers(len(modes)))]
     return {
         key: orient(value[top : top + size, left : left + size], mode)
         for key, value in spatial.items()
@@ -156,10 +164,15 @@ class _Preprocess:
             )
             target = spatial["target"].astype(np.float32)
         elif self.task == GDSR:
-            depth = spatial["depth"]
+            # Normalised by its own range after cropping, as the release does (a flat crop: 0).
+            low, high = spatial["depth"].min(), spatial["depth"].max()
+            extras = {"depth_min": np.float32(low), "depth_max": np.float32(high)}
+            depth = ((spatial["depth"] - low) / (high - low if high > low else 1)).astype(
+                np.float32
+            )
             low_res = pil_bicubic_downsample(depth, self.scale)
             upsampled = torch_bicubic_upsample(low_res, *depth.shape)
-            inputs = (_to_unit(spatial["rgb"]), upsampled[..., None])
+            inputs = (gdsr_rgb(_to_unit(spatial["rgb"])), upsampled[..., None])
             target = depth[..., None]
         else:
             inputs = (_to_unit(spatial["source_1"]), _to_unit(spatial["source_2"]))
@@ -175,7 +188,7 @@ class _Preprocess:
         name = element["name"].decode()
         spatial, extras = _spatial(element, self.task)
         if crop is not None:
-            spatial = _crop(spatial, crop, rng, name)
+            spatial = _crop(spatial, crop, rng, name, ORIENTATIONS[self.task])
         return {**self.finish(spatial, extras), "name": name}
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from mgdn_jax.layers import recomputed
 from mgdn_jax.metrics import HIGHEST, mu_law, ssim
+from mgdn_jax.variants import GDSR_RGB_MEAN, GDSR_RGB_STD
 
 TASKS = ("mff", "mef", "hdr", "gdsr")
 # sigmoid(1.702 z) is the logistic approximation of the standard normal CDF, so standardised,
@@ -132,10 +133,14 @@ def unsupervised_fusion_loss(
 
 def structure_planes(task: str, inputs: list[jax.Array]) -> list[jax.Array]:
     """The (B, H, W, 1) grey planes whose edges define the shared structure: grey of each RGB
-    input (MFF/MEF), of the LDR half of each 6-channel frame (HDR), of the RGB image and the
-    depth map itself (GDSR)."""
+    input (MFF/MEF), of the LDR half of each 6-channel frame (HDR), of the RGB image (its
+    ImageNet standardisation undone, back in [0, 1]) and the depth map itself (GDSR)."""
     if task == "hdr":
         return [grey(x[..., :3]) for x in inputs]
+    if task == "gdsr":
+        rgb, depth = inputs
+        std, mean = np.asarray(GDSR_RGB_STD, np.float32), np.asarray(GDSR_RGB_MEAN, np.float32)
+        return [grey(rgb * std + mean), depth]
     return [grey(x) for x in inputs]
 
 

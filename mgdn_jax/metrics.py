@@ -28,6 +28,7 @@ HIGHEST = jax.lax.Precision.HIGHEST
 MU = 5000.0
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
+HDR_SSIM_WINDOW = 7
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 GDSR_BORDER = 6
@@ -156,32 +157,45 @@ def psnr(pred: jax.Array, target: jax.Array, data_range: float = 1.0) -> jax.Arr
     return _unbatch(jnp.where(mse > 0, value, jnp.inf), batched)
 
 
-def ssim_map(x: jax.Array, y: jax.Array, data_range: float) -> jax.Array:
-    """SSIM index map (Wang et al. 2004) of (N, H, W) planes: 11x11 Gaussian window, sigma 1.5,
-    population (co)variances, K1 = 0.01, K2 = 0.03; only windows fully inside the image, so
-    the map is (N, H - 10, W - 10)."""
-    taps = gaussian_window(SSIM_WINDOW, SSIM_SIGMA)
+# SSIM windows: (1-D taps of the separable window, the factor turning the window's population
+# (co)variances into the ones SSIM uses). "gaussian": Wang et al.'s 11x11 Gaussian (sigma 1.5),
+# population statistics; "uniform": scikit-image's default 7x7 box with sample (co)variances,
+# what the release's HDR evaluation calls.
+SSIM_WINDOWS: dict[str, tuple[np.ndarray, float]] = {
+    "gaussian": (gaussian_window(SSIM_WINDOW, SSIM_SIGMA), 1.0),
+    "uniform": (np.full(HDR_SSIM_WINDOW, 1.0 / HDR_SSIM_WINDOW, np.float32), 49.0 / 48.0),
+}
+
+
+def ssim_map(x: jax.Array, y: jax.Array, data_range: float, window: str = "gaussian") -> jax.Array:
+    """SSIM index map (Wang et al. 2004) of (N, H, W) planes with a `SSIM_WINDOWS` window
+    (k x k), K1 = 0.01, K2 = 0.03; only windows fully inside the image: (N, H - k + 1, W - k + 1).
+    """
+    taps, covariance_scale = SSIM_WINDOWS[window]
     c1 = (SSIM_K1 * data_range) ** 2
     c2 = (SSIM_K2 * data_range) ** 2
     mx, my = filter_valid(x, taps), filter_valid(y, taps)
-    vx = filter_valid(x * x, taps) - mx * mx
-    vy = filter_valid(y * y, taps) - my * my
-    cxy = filter_valid(x * y, taps) - mx * my
+    vx = covariance_scale * (filter_valid(x * x, taps) - mx * mx)
+    vy = covariance_scale * (filter_valid(y * y, taps) - my * my)
+    cxy = covariance_scale * (filter_valid(x * y, taps) - mx * my)
     num = (2 * mx * my + c1) * (2 * cxy + c2)
     den = (mx * mx + my * my + c1) * (vx + vy + c2)
     return num / den
 
 
-def ssim(pred: jax.Array, target: jax.Array, data_range: float = 1.0) -> jax.Array:
+def ssim(
+    pred: jax.Array, target: jax.Array, data_range: float = 1.0, window: str = "gaussian"
+) -> jax.Array:
     """Mean SSIM, channels averaged; matches scikit-image's `structural_similarity(...,
-    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, channel_axis=-1)`.
+    channel_axis=-1)` with gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    (window "gaussian"), or with its defaults (window "uniform").
 
-    pred, target: (H, W, C) -> scalar or (B, H, W, C) -> (B,); H, W >= 11. Differentiable.
+    pred, target: (H, W, C) -> scalar or (B, H, W, C) -> (B,); H, W >= the window. Differentiable.
     """
     p, t, batched = _pair(pred, target)
     b, h, w, _ = p.shape
-    _check_window((h, w), SSIM_WINDOW, "SSIM")
-    values = ssim_map(_planes(p), _planes(t), data_range).reshape(b, -1).mean(axis=1)
+    _check_window((h, w), len(SSIM_WINDOWS[window][0]), "SSIM")
+    values = ssim_map(_planes(p), _planes(t), data_range, window).reshape(b, -1).mean(axis=1)
     return _unbatch(values, batched)
 
 
@@ -191,8 +205,9 @@ def psnr_mu(pred: jax.Array, target: jax.Array, mu: float = MU) -> jax.Array:
 
 
 def ssim_mu(pred: jax.Array, target: jax.Array, mu: float = MU) -> jax.Array:
-    """SSIM of the mu-law tone-mapped linear HDR images (values in [0, 1]); shapes as `ssim`."""
-    return ssim(mu_law(pred, mu), mu_law(target, mu), 1.0)
+    """SSIM of the mu-law tone-mapped linear HDR images (values in [0, 1]) as the release
+    computes it (window "uniform"); shapes as `ssim`."""
+    return ssim(mu_law(pred, mu), mu_law(target, mu), 1.0, "uniform")
 
 
 def psnr_l(pred: jax.Array, target: jax.Array) -> jax.Array:
@@ -201,8 +216,9 @@ def psnr_l(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def ssim_l(pred: jax.Array, target: jax.Array) -> jax.Array:
-    """SSIM of the linear HDR images, data range 1; shapes as `ssim`."""
-    return ssim(pred, target, 1.0)
+    """SSIM of the linear HDR images, data range 1, as the release computes it (window
+    "uniform"); shapes as `ssim`."""
+    return ssim(pred, target, 1.0, "uniform")
 
 
 def depth_rmse_cm(pred: jax.Array, target: jax.Array, border: int = GDSR_BORDER) -> jax.Array:

@@ -73,8 +73,8 @@ def training_defaults(loss_task: str) -> ml_collections.ConfigDict:
         end; 0 turns eval off). keep_checkpoints: how many to keep. async_checkpoints: save
         in the background.
     eval: evaluation during training and by `mgdn-eval` (`mgdn_jax.evaluate`): dataset and
-        split (each config sets the dataset); pad, "official" (the official script's flip
-        padding to the next multiple of 8) or "model" (the network's reflect padding only);
+        split (each config sets the dataset); pad, "official" (the release's inference procedure
+        for the task, `inference.run`) or "model" (the network's reflect padding only);
         fusion_metrics: also the no-reference fusion metrics (EN, SF, Qabf, ...) on MFF / MEF
         sets with a reference (always computed on sets without one; images of at least
         44x44); num_samples: fused images written as PNG (WORKDIR/samples/STEP) and logged at

@@ -1,4 +1,4 @@
-"""The released MGDN architectures, as model ConfigDicts.
+"""The released MGDN architectures, as model ConfigDicts, and the release's input conventions.
 
 These are the hyper-parameters of the official release; `configs/<task>.py` embed them, and
 `mgdn_jax.convert` uses them to build a model for a given checkpoint variant.
@@ -7,8 +7,21 @@ These are the hyper-parameters of the official release; `configs/<task>.py` embe
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 VARIANTS = ("mff", "mef", "hdr", "gdsr", "gdsr16")
+
+# The release's GDSR data loaders standardise the RGB guide (in [0, 1]) with ImageNet's channel
+# statistics before it reaches the network.
+GDSR_RGB_MEAN = (0.485, 0.456, 0.406)
+GDSR_RGB_STD = (0.229, 0.224, 0.225)
+
+
+def gdsr_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) RGB in [0, 1] -> the GDSR network's RGB input: (rgb - mean) / std, float32."""
+    mean = np.asarray(GDSR_RGB_MEAN, np.float32)
+    std = np.asarray(GDSR_RGB_STD, np.float32)
+    return ((np.asarray(rgb, np.float32) - mean) / std).astype(np.float32)
 
 
 def model_config(variant: str) -> ml_collections.ConfigDict:

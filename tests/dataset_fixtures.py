@@ -1,15 +1,18 @@
 """Tiny dataset fixtures shared by test_datasets.py and test_input_pipeline.py (loaded with
 `pytest_plugins`): the reference Lytro / MEF / NYU v2 samples, generated files in the exact
 Kalantari, SICE and RealMFF layouts, and session fixtures that build each dataset once, the
-`tfds build` way, into one data_dir; also a runner for code that must not import TensorFlow."""
+`tfds build` way, into one data_dir; also a runner for code that must not import TensorFlow, and
+a loader of configs/<name>.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 import tifffile
@@ -19,6 +22,15 @@ from PIL import Image
 from mgdn_jax import radiance
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of configs/<name>.py."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
 
 # Makes any `import tensorflow...` fail in the interpreter it starts.
 _BLOCK_TENSORFLOW = """

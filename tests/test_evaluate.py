@@ -5,11 +5,9 @@ one-line errors; evaluation during training; no TensorFlow import."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -21,20 +19,13 @@ from mgdn_jax.model import build_model
 from mgdn_jax.variants import model_config
 
 pytest.register_assert_rewrite("dataset_fixtures")
-from dataset_fixtures import REPO, run_without_tensorflow  # noqa: E402
+from dataset_fixtures import REPO, load_config, run_without_tensorflow  # noqa: E402
 
 pytest_plugins = ["dataset_fixtures"]
 
 CONFIGS = REPO / "configs"
 TOLERANCE = 1e-4  # per metric, the issue's bound
 TINY = {"embed_dim": 12, "depths": (1, 1), "num_heads": (2, 2), "window_size": 4}
-
-
-def load_config(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def read_results(directory: Path) -> tuple[dict, list[str], list[list[str]]]:

@@ -233,6 +233,10 @@ def test_bad_input(reference: Path, mff_weights: Path, tmp_path: Path, capsys):
         reference / "gdsr_samples/RGB/1444.jpg",
         depth,
     )
+    gdsr_png = tmp_path / "d.png"
+    gdsr_args = ("--variant", "gdsr", "--weights", gdsr, "--output", gdsr_png)
+    message = _bad(capsys, tmp_path, *gdsr_args, reference / "gdsr_samples/RGB/1444.jpg", depth)
+    assert "d.png" in message and ".npy" in message
     assert "exposures" in _bad(
         capsys,
         tmp_path,

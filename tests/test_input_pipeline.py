@@ -4,7 +4,6 @@ from a saved iterator state, evaluation passes, and that TensorFlow is never imp
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import grain
@@ -18,17 +17,14 @@ from PIL import Image
 from mgdn_jax import input_pipeline
 
 pytest.register_assert_rewrite("dataset_fixtures")  # before importing it, as a plugin module
-from dataset_fixtures import KALANTARI_EV, REPO, run_without_tensorflow  # noqa: E402
+from dataset_fixtures import (  # noqa: E402
+    KALANTARI_EV,
+    load_config,
+    run_without_tensorflow,
+)
 
 # The session fixtures (data_dir, lytro, kalantari, ...) that build every dataset once.
 pytest_plugins = ["dataset_fixtures"]
-
-
-def load_config(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def config_for(
@@ -81,7 +77,7 @@ def window_of(crop: np.ndarray, full: np.ndarray) -> tuple[int, int, int]:
     """The (top, left, mode) such that `crop` = orient(full[window], mode); fails if none."""
     size = crop.shape[0]
     height, width = full.shape[:2]
-    for mode in range(input_pipeline.NUM_ORIENTATIONS):
+    for mode in input_pipeline.ORIENTATIONS[input_pipeline.FUSION]:
         for top in range(height - size + 1):
             for left in range(width - size + 1):
                 window = full[top : top + size, left : left + size]
@@ -108,10 +104,14 @@ def test_crops_and_orientations_are_aligned(synthetic_tiny):
     assert len(modes) > 1
 
 
-def test_orientations_are_the_eight_distinct_symmetries():
+def test_orientations_of_each_task():
     x = np.arange(12).reshape(3, 4)
-    images = {input_pipeline.orient(x, mode).tobytes() for mode in range(8)}
-    assert len(images) == 8
+    fusion = input_pipeline.ORIENTATIONS[input_pipeline.FUSION]
+    assert len({input_pipeline.orient(x, mode).tobytes() for mode in fusion}) == 8
+    flips = {x.tobytes(), x[:, ::-1].tobytes(), x[::-1].tobytes(), x[::-1, ::-1].tobytes()}
+    for task in (input_pipeline.HDR, input_pipeline.GDSR):  # the release's four flips
+        modes = input_pipeline.ORIENTATIONS[task]
+        assert {input_pipeline.orient(x, mode).tobytes() for mode in modes} == flips
 
 
 def test_hdr_inputs(kalantari):
@@ -140,7 +140,8 @@ def test_gdsr_eval_matches_official_protocol(nyuv2, reference):
     np.testing.assert_array_equal(batch["depth_max"], [depth.max()])
     normalised = (depth - depth.min()) / (depth.max() - depth.min())
     np.testing.assert_allclose(batch["target"][0, ..., 0], normalised, atol=1e-6)
-    np.testing.assert_allclose(batch["inputs"][0][0], rgb / 255, atol=1e-6)
+    imagenet = (rgb / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(batch["inputs"][0][0], imagenet, atol=1e-5)
     low = np.array(Image.fromarray(normalised.astype(np.float32)).resize((160, 120), Image.BICUBIC))
     official = torch.nn.functional.interpolate(
         torch.from_numpy(low)[None, None], scale_factor=4, mode="bicubic", align_corners=False
@@ -157,6 +158,9 @@ def test_gdsr_train_crops(nyuv2, scale):
     assert rgb.shape == (2, 32, 32, 3) and depth.shape == batch["target"].shape == (2, 32, 32, 1)
     assert batch["depth_min"].shape == batch["depth_max"].shape == (2,)
     assert (batch["depth_min"] < batch["depth_max"]).all()
+    # Each crop is normalised by its own range (the release's training loader).
+    np.testing.assert_array_equal(batch["target"].min(axis=(1, 2, 3)), [0, 0])
+    np.testing.assert_allclose(batch["target"].max(axis=(1, 2, 3)), [1, 1], rtol=1e-6)
 
 
 def test_gdsr_patch_must_be_a_multiple_of_the_scale(nyuv2):

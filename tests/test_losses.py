@@ -15,7 +15,7 @@ from flax import nnx
 
 from mgdn_jax import losses
 from mgdn_jax.model import build_model
-from mgdn_jax.variants import model_config
+from mgdn_jax.variants import gdsr_rgb, model_config
 
 BINS = 32
 BANDWIDTH = 0.25 / BINS
@@ -285,11 +285,16 @@ def test_structure_mask_hdr_uses_ldr_and_gdsr_uses_depth():
     mask = np.asarray(losses.structure_mask("hdr", frames, 0.5))
     expected = np.asarray(losses.structure_mask("mff", [ldr, ldr, ldr], 0.5))
     np.testing.assert_array_equal(mask, expected)
-    rgb = _edge_image(slice(6, None))
+    # GDSR: the network's RGB input is ImageNet-standardised; edges are measured in [0, 1].
+    rgb = 0.2 * _edge_image(slice(6, None))
+    step = float(np.max(losses.sobel_magnitude(losses.grey(rgb))))
+    standardised = jnp.asarray(gdsr_rgb(np.asarray(rgb)))
     depth = jnp.zeros((1, 12, 12, 1))
-    assert float(losses.structure_mask("gdsr", [rgb, depth], 0.5).sum()) == 0.0
-    depth = rgb[..., :1]
-    assert float(losses.structure_mask("gdsr", [rgb, depth], 0.5).sum()) == 2 * 12
+    assert float(losses.structure_mask("gdsr", [standardised, depth], 0.5 * step).sum()) == 0.0
+    depth = _edge_image(slice(6, None))[..., :1]
+    for threshold, edge_pixels in ((0.9 * step, 2 * 12), (1.1 * step, 0)):
+        mask = losses.structure_mask("gdsr", [standardised, depth], threshold)
+        assert float(mask.sum()) == edge_pixels
 
 
 def test_pad_mask_reflects_like_the_model():

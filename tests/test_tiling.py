@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mgdn_jax import fuse, image_io
+from mgdn_jax import fuse, image_io, inference
 from mgdn_jax.errors import UserError
 from mgdn_jax.inference import (
     DEFAULT_OVERLAP,
@@ -144,6 +144,36 @@ def test_tiles_reassemble_a_pointwise_forward(pad: str, tile_batch: int):
 
     out = run(pointwise, inputs, WINDOW, pad, tile=32, overlap=8, tile_batch=tile_batch)
     np.testing.assert_allclose(out, 0.75 * inputs[0] - 0.5 * inputs[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["fusion", "hdr", "gdsr"])
+def test_official_procedure_of_each_task(task: str, monkeypatch: pytest.MonkeyPatch):
+    """What the network sees with pad='official': MFF / MEF the flip-padded image, HDR each
+    block alone (500 x 500 in the release, 10 x 10 here; edge blocks smaller), GDSR the whole
+    image. The stand-in network returns its input's mean, so each output pixel shows which
+    region one network call covered."""
+    monkeypatch.setattr(inference, "OFFICIAL_HDR_BLOCK", 10)
+    x = np.random.default_rng(1).random((24, 28, 1), np.float32)
+    seen = []
+
+    def mean(a: jax.Array) -> jax.Array:
+        seen.append(a.shape[1:3])
+        return np.broadcast_to(a.mean(axis=(1, 2), keepdims=True), a.shape)
+
+    out = run(mean, [x], WINDOW, "official", task)
+    assert out.shape == x.shape
+    if task == "fusion":
+        assert seen == [(32, 32)]
+        np.testing.assert_allclose(out, flip_pad(x[None], (32, 32)).mean(), rtol=1e-6)
+    elif task == "gdsr":
+        assert seen == [(24, 28)]
+        np.testing.assert_allclose(out, x.mean(), rtol=1e-6)
+    else:
+        assert seen == [(r, c) for r in (10, 10, 4) for c in (10, 10, 8)]
+        for top in range(0, 24, 10):
+            for left in range(0, 28, 10):
+                block = (slice(top, top + 10), slice(left, left + 10))
+                np.testing.assert_allclose(out[block], x[block].mean(), rtol=1e-6)
 
 
 def test_single_tile_equals_untiled(reference: Path, forward: Callable[..., jax.Array]):
