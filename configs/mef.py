@@ -3,7 +3,7 @@
 import ml_collections
 from ml_collections import config_dict
 
-from mgdn_jax.train_lib import training_defaults
+from mgdn_jax.train_lib import apply_release_fusion_training, training_defaults
 from mgdn_jax.variants import model_config
 
 
@@ -26,4 +26,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.eval.dataset = "mef_benchmark"
     config.total_steps = 100_000
+    apply_release_fusion_training(config)
     return config

@@ -3,7 +3,7 @@
 import ml_collections
 from ml_collections import config_dict
 
-from mgdn_jax.train_lib import training_defaults
+from mgdn_jax.train_lib import apply_release_fusion_training, training_defaults
 from mgdn_jax.variants import model_config
 
 
@@ -27,4 +27,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.dataset = "mff_lytro"
     # The released checkpoint is named after 62000 iterations.
     config.total_steps = 62_000
+    apply_release_fusion_training(config)
     return config

@@ -116,12 +116,21 @@ def match_images(
     return [(name, {key: found[key][name] for key in dirs}) for name in names]
 
 
+def _rgb8(image: Image.Image) -> np.ndarray:
+    """A decoded image as (H, W, 3) uint8 RGB: grey replicated, alpha dropped, palette / CMYK
+    converted, and 16-bit grey scaled by 255 / 65535 (as `mgdn-fuse` reads it), not clipped."""
+    if image.mode.startswith("I"):
+        grey = np.asarray(image.convert("I"), np.float64) * (255 / 65535)
+        return np.repeat(np.round(grey).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
+
+
 def read_rgb8(path: Path) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB (greyscale is replicated, alpha dropped)."""
+    """An image file as (H, W, 3) uint8 RGB (`_rgb8`)."""
     try:
         with Image.open(path) as image:
             image.load()
-            return np.asarray(image.convert("RGB"))
+            return _rgb8(image)
     except (OSError, ValueError, SyntaxError) as error:
         raise CorruptDataError(f"{path}: unreadable image ({error})") from error
 
@@ -137,7 +146,7 @@ def rgb8_bytes(path: Path) -> tuple[bytes, tuple[int, int]]:
             image.load()
             if image.format in ("JPEG", "PNG") and image.mode == "RGB":
                 return path.read_bytes(), (image.height, image.width)
-            array = np.asarray(image.convert("RGB"))
+            array = _rgb8(image)
     except (OSError, ValueError, SyntaxError) as error:
         raise CorruptDataError(f"{path}: unreadable image ({error})") from error
     return png_bytes(array), array.shape[:2]

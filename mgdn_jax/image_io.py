@@ -19,6 +19,10 @@ from mgdn_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy", ".tif", ".tiff", ".hdr")
+# PIL modes whose pixel values are read as they are; the others are converted to RGB(A).
+DIRECT_MODES = ("L", "LA", "RGB", "RGBA", "I", "I;16")
+# OpenCV's default JPEG quality, which the official scripts' cv2.imwrite uses.
+JPEG_QUALITY = 95
 
 
 def _to_unit_float(path: Path, array: np.ndarray) -> np.ndarray:
@@ -49,6 +53,8 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
 
             with Image.open(path) as img:
                 img.load()
+                if img.mode not in DIRECT_MODES:  # palette, CMYK, YCbCr, bilevel, ...: to RGB
+                    img = img.convert("RGBA" if "transparency" in img.info else "RGB")
                 array = np.asarray(img.convert("I") if img.mode == "I;16" else img)
                 if img.mode in ("I", "I;16"):
                     array = array.astype(np.uint16)
@@ -144,8 +150,9 @@ def quantize_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def write_output(path: str | Path, image: np.ndarray) -> None:
-    """Writes a float (H, W, C) result by suffix: .png/.jpg uint8 (official quantisation),
-    .npy float32 as is, .tif/.tiff uint16, .hdr Radiance RGBE. Atomic: no partial file."""
+    """Writes a float (H, W, C) result by suffix: .png/.jpg uint8 (official quantisation; JPEG
+    at `JPEG_QUALITY`), .npy float32 as is, .tif/.tiff uint16, .hdr Radiance RGBE. Atomic: no
+    partial file."""
     path = check_writable(path)
     suffix = path.suffix.lower()
     with atomic_output(path) as tmp:
@@ -162,9 +169,11 @@ def write_output(path: str | Path, image: np.ndarray) -> None:
             from PIL import Image
 
             pixels = quantize_uint8(image)
-            Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(
-                tmp, format="JPEG" if suffix in (".jpg", ".jpeg") else "PNG"
-            )
+            image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
+            if suffix in (".jpg", ".jpeg"):
+                image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+            else:
+                image.save(tmp, format="PNG")
 
 
 def depth_preview(depth: np.ndarray) -> np.ndarray:

@@ -45,8 +45,8 @@ from mgdn_jax.variants import gdsr_rgb
 
 FUSION, HDR, GDSR = "fusion", "hdr", "gdsr"
 # Training orientations (`orient` modes) per task. The release's HDR and GDSR loaders draw one of
-# {identity, left-right flip, up-down flip, half turn} (GDSR as two independent flips); fusion,
-# whose training the release does not ship, uses all eight symmetries.
+# {identity, left-right flip, up-down flip, half turn} (GDSR as two independent flips); its
+# fusion loader draws one of all eight symmetries.
 ORIENTATIONS = {FUSION: tuple(range(8)), HDR: (0, 2, 4, 6), GDSR: (0, 2, 4, 6)}
 
 

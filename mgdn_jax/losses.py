@@ -52,7 +52,8 @@ def default_loss_config() -> ml_collections.ConfigDict:
     mu: the mu-law constant of the HDR loss.
     w_intensity, w_gradient, w_ssim: weights of the unsupervised MFF/MEF terms.
     nmi_lambda: weight of the NMI redundancy loss (0 turns it off). The paper gives no value and
-        the release has no training code; 0.1 is this project's choice.
+        the release ships neither this loss nor its fusion loss modules; 0.1 is this project's
+        choice.
     nmi_bins: histogram bins over (0, 1); nmi_bandwidth: Gaussian kernel sigma in the same
         units (default a quarter of a bin).
     nmi_threshold: Sobel-magnitude threshold (grey in [0, 1], unnormalised 3x3 Sobel, whose

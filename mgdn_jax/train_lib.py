@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from clu import metric_writers, periodic_actions
 
 # {"step": () int32, "params": nnx.State (float32), "opt_state": optax state, "rng": (2,) uint32
-# PRNG key, advanced every step and checkpointed for stochastic additions (the released
-# architecture itself draws no random numbers)}.
+# PRNG key, advanced every step and checkpointed for stochastic additions, and with
+# `ema_decay` > 0 "ema": nnx.State, the moving average of "params"}.
 TrainState = dict[str, Any]
 # (state, batch) -> (state, scalar metrics): `make_train_step`'s jitted step, or it compiled.
 TrainStep = Callable[[TrainState, dict[str, Any]], tuple[TrainState, dict[str, jax.Array]]]
@@ -69,6 +69,10 @@ def training_defaults(loss_task: str) -> ml_collections.ConfigDict:
     compute_dtype: "float32", or "bfloat16" (parameters stay float32).
     remat: keep only the inputs of every MGDF and transformer block for the backward pass,
         which recomputes their activations (less memory, about a third more compute).
+    ema_decay: > 0 keeps an exponential moving average of the parameters, updated after every
+        step as ema = d ema + (1 - d) params from a copy of the initial ones (the release's
+        fusion training keeps one, its "E" network, and ships those weights); evaluation and
+        the export then use it. 0: off.
     log_every, eval_every, checkpoint_every: intervals in steps (eval/checkpoint also at the
         end; 0 turns eval off). keep_checkpoints: how many to keep. async_checkpoints: save
         in the background.
@@ -106,6 +110,7 @@ def training_defaults(loss_task: str) -> ml_collections.ConfigDict:
             mesh=dict(shape=(-1,), axes=(DATA_AXIS,)),
             compute_dtype="float32",
             remat=False,
+            ema_decay=0.0,
             profile_steps=0,
             profile_first_step=10,
             log_every=50,
@@ -127,6 +132,16 @@ def training_defaults(loss_task: str) -> ml_collections.ConfigDict:
 
 
 # ----------------------------------------------------------------------------- optimizer
+
+
+def apply_release_fusion_training(config: ml_collections.ConfigDict) -> None:
+    """What the release's fusion training code (`models/model_plain.py`) fixes: Adam without
+    weight decay, no gradient clipping unless its (unshipped) options ask, and a moving average
+    of the weights, the "E" network its inference scripts load (decay 0.999, the default of
+    the KAIR framework it builds on). Its milestones, loss modules and options files are not
+    shipped; the schedule stays this project's."""
+    config.optimizer.update(name="adam", weight_decay=0.0, grad_clip_norm=0.0)
+    config.ema_decay = 0.999
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -191,12 +206,15 @@ def init_state(
 
     def initial() -> TrainState:
         params = nnx.state(build_model(config.model, config.seed), nnx.Param)
-        return {
+        state = {
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "opt_state": tx.init(params),
             "rng": jax.random.PRNGKey(config.seed),
         }
+        if config.ema_decay > 0:
+            state["ema"] = jax.tree.map(jnp.copy, params)
+        return state
 
     return graphdef, initial
 
@@ -242,6 +260,10 @@ def train_step(
             "opt_state": opt_state,
             "rng": jax.random.fold_in(state["rng"], state["step"]),
         }
+        if "ema" in state:
+            new_state["ema"] = optax.incremental_update(
+                new_state["params"], state["ema"], 1.0 - config.ema_decay
+            )
         metrics = {
             **terms,
             "grad_norm": optax.tree.norm(grads),
@@ -531,7 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 checkpoint.save(manager, step, state, iterator)
             if evaluating:
                 with progress.timed("eval"):
-                    run_evaluation(config, graphdef, state["params"], workdir, step, log)
+                    run_evaluation(config, graphdef, inference_params(state), workdir, step, log)
             if stopping:
                 break
     finally:
@@ -540,8 +562,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         manager.close()
         log.close()
     if step == config.total_steps and not config.eval_every:
-        checkpoint.export_params(state["params"], config.model, workdir / "export")
+        checkpoint.export_params(inference_params(state), config.model, workdir / "export")
     return state
+
+
+def inference_params(state: TrainState) -> nnx.State:
+    """The parameters to evaluate and export: the moving average if the run keeps one."""
+    return state.get("ema", state["params"])
 
 
 def run_evaluation(

@@ -3,6 +3,7 @@ fixtures (dataset_fixtures.py), the values they store, the errors for bad data, 
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -201,6 +202,22 @@ def test_unreadable_image_is_named(tmp_path):
     error = build_error("mff_realmff", tmp_path, tmp_path / "m")
     assert isinstance(error, common.CorruptDataError)
     assert str(broken) in str(error)
+
+
+def test_stored_images_scale_16_bit_grey(tmp_path):
+    """A 16-bit grey source is stored as 8-bit RGB scaled by 255 / 65535 (the way `mgdn-fuse`
+    reads the file), not clipped to white; a palette image as its colours."""
+    path = tmp_path / "g16.png"
+    Image.fromarray(np.array([[0, 1000], [30000, 65535]], np.uint16)).save(path)
+    expected = np.round(np.array([[0, 1000], [30000, 65535]]) * 255 / 65535)
+    np.testing.assert_array_equal(common.read_rgb8(path), np.repeat(expected[..., None], 3, -1))
+    data, size = common.rgb8_bytes(path)
+    assert size == (2, 2)
+    stored = np.asarray(Image.open(io.BytesIO(data)))
+    np.testing.assert_array_equal(stored, common.read_rgb8(path))
+    rgb = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 0]]], np.uint8)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(common.read_rgb8(tmp_path / "palette.png"), rgb)
 
 
 def test_pair_of_different_sizes_is_named(tmp_path):

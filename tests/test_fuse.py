@@ -188,6 +188,35 @@ def test_gdsr_depth_and_preview(reference: Path, tmp_path: Path):
     assert preview.shape == depth.shape + (3,)
 
 
+def test_image_modes_read_as_their_colours(tmp_path: Path):
+    """Palette, CMYK and bilevel files read as the colours they show (as OpenCV, which the
+    official scripts use, decodes them); 16-bit grey scales by 65535."""
+    rgb = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [255, 255, 0]]], np.uint8)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    Image.fromarray(rgb[..., 0] > 0).save(tmp_path / "bilevel.png")
+    Image.fromarray(np.array([[0, 1000], [30000, 65535]], np.uint16)).save(tmp_path / "g16.png")
+    for name in ("palette.png", "cmyk.jpg"):
+        np.testing.assert_allclose(image_io.read_image(tmp_path / name) * 255, rgb, atol=1)
+    bilevel = image_io.read_image(tmp_path / "bilevel.png")
+    np.testing.assert_array_equal(bilevel, np.repeat((rgb[..., :1] > 0).astype(np.float32), 3, -1))
+    grey = image_io.read_image(tmp_path / "g16.png")[..., 0]
+    np.testing.assert_allclose(grey, [[0, 1000 / 65535], [30000 / 65535, 1]], rtol=1e-6)
+
+
+def test_jpeg_output_quality(tmp_path: Path):
+    """.jpg outputs use OpenCV's default quality (95), not Pillow's (75)."""
+    rng = np.random.default_rng(0)
+    image = rng.random((64, 64, 3)).astype(np.float32)
+    image_io.write_output(tmp_path / "out.jpg", image)
+    with Image.open(tmp_path / "out.jpg") as written:
+        tables = written.quantization
+    reference = tmp_path / "q95.jpg"
+    Image.fromarray(image_io.quantize_uint8(image)).save(reference, quality=95)
+    with Image.open(reference) as expected:
+        assert tables == expected.quantization
+
+
 def _bad(capsys, tmp_path: Path, *args) -> str:
     before = set(tmp_path.rglob("*"))
     assert _fuse(*args) == 2

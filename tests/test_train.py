@@ -246,6 +246,7 @@ VARIANTS = {
     "8": (8, {}),
     "remat": (1, {"remat": True}),
     "bfloat16": (1, {"compute_dtype": "bfloat16"}),
+    "ema": (1, {"ema_decay": 0.5, "checkpoint_every": 1}),
 }
 
 
@@ -289,6 +290,26 @@ def test_remat_gives_the_same_params(three_steps: dict[str, Path]):
     np.testing.assert_allclose(losses(three_steps["remat"]), losses(three_steps["1"]), rtol=1e-6)
     remat = restore_params(three_steps["remat"], 3)
     assert_trees_close(remat["params"], restore_params(three_steps["1"], 3)["params"], 1e-5)
+
+
+def test_moving_average_is_kept_checkpointed_and_exported(three_steps: dict[str, Path]):
+    """ema_decay d: the training itself is unchanged, every checkpoint holds
+    ema_k = d ema_(k-1) + (1 - d) params_k, and the export is the average, not the params."""
+    plain = restore_params(three_steps["1"], 3)
+    states = {k: restore_params(three_steps["ema"], k) for k in (1, 2, 3)}
+    assert set(states[3]) == {"step", "params", "opt_state", "rng", "ema"}
+    assert_trees_close(states[3]["params"], plain["params"], 1e-6)
+    for k in (2, 3):
+        expected = jax.tree.map(
+            lambda e, p: 0.5 * e + 0.5 * p, states[k - 1]["ema"], states[k]["params"]
+        )
+        assert_trees_close(states[k]["ema"], expected, 1e-7)
+    for x, y in zip(
+        jax.tree.leaves(exported(three_steps["ema"])), jax.tree.leaves(states[3]["ema"])
+    ):
+        np.testing.assert_array_equal(x, y)
+    ema, params = jax.tree.leaves(states[3]["ema"]), jax.tree.leaves(states[3]["params"])
+    assert not all(np.array_equal(e, p) for e, p in zip(ema, params))
 
 
 def test_two_processes_match_one_process(synthetic_tiny: Path, tmp_path: Path):
