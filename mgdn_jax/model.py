@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from mgdn_jax.errors import UserError
@@ -33,27 +34,44 @@ class FusionStage(nnx.Module):
     """MGDF -> 1x1 merge -> context-aware transformer blocks -> dilated conv, then one 1x1
     conv per input on concat(context, filtered input)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, stage: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ml_collections.ConfigDict,
+        stage: int,
+        drop_path_rates: tuple[float, ...],
+        *,
+        rngs: nnx.Rngs,
+    ):
         c, n = cfg.embed_dim, len(cfg.in_channels)
         mgdf = ReferenceMGDF if cfg.task == "hdr" else MutualMGDF
         self.mgdf = mgdf(c, cfg.mgca_heads, rngs=rngs)
         self.merge = conv(n * c, c, 1, rngs=rngs)
         self.transformer = TransformerGroup(
-            c, cfg.depths[stage], cfg.num_heads[stage], cfg.window_size, cfg.mlp_ratio, rngs=rngs
+            c,
+            cfg.depths[stage],
+            cfg.num_heads[stage],
+            cfg.window_size,
+            cfg.mlp_ratio,
+            drop_path_rates,
+            rngs=rngs,
         )
         self.dilated_conv = conv(c, c, 3, dilation=2, rngs=rngs)
         self.out_convs = nnx.List([conv(2 * c, c, 1, rngs=rngs) for _ in range(n)])
 
     def __call__(
-        self, xs: list[jax.Array], filtered: list[jax.Array] | None = None, remat: bool = False
+        self,
+        xs: list[jax.Array],
+        filtered: list[jax.Array] | None = None,
+        remat: bool = False,
+        key: jax.Array | None = None,
     ) -> list[jax.Array]:
         """n (B, H, W, C) maps -> n (B, H, W, C) maps. `filtered`, if given, is `self.mgdf(xs)`
         computed by the caller (who also needs it); `remat` recomputes the MGDF and every
-        transformer block in the backward pass."""
+        transformer block in the backward pass; `key` (training) draws stochastic depth."""
         if filtered is None:
             filtered = checkpointed(self.mgdf, remat)(xs)
         x = self.merge(filtered)
-        context = self.dilated_conv(self.transformer(x, remat))
+        context = self.dilated_conv(self.transformer(x, remat, key))
         return [out([context, f]) for out, f in zip(self.out_convs, filtered)]
 
 
@@ -76,7 +94,16 @@ class MGDN(nnx.Module):
             self.embed = nnx.List([conv(cfg.in_channels[0], c, 3, rngs=rngs)])
         else:
             self.embed = nnx.List([conv(ch, c, 3, rngs=rngs) for ch in cfg.in_channels])
-        self.stages = nnx.List([FusionStage(cfg, i, rngs=rngs) for i in range(len(cfg.depths))])
+        # Stochastic depth rising linearly over all blocks, 0 to drop_path_rate, as in SwinIR
+        # and the release (exports written before the field existed: none, for inference).
+        rates = np.linspace(0.0, cfg.get("drop_path_rate", 0.0), sum(cfg.depths)).tolist()
+        ends = np.cumsum((0, *cfg.depths))
+        self.stages = nnx.List(
+            [
+                FusionStage(cfg, i, tuple(rates[ends[i] : ends[i + 1]]), rngs=rngs)
+                for i in range(len(cfg.depths))
+            ]
+        )
         self.merge = ConvAct(self.num_inputs * c, c, 3, lrelu(0.2), rngs=rngs)
         self.head = ConvAct(c, cfg.out_channels, 3, jax.nn.sigmoid, rngs=rngs)
 
@@ -84,7 +111,11 @@ class MGDN(nnx.Module):
         return self.embed[i % len(self.embed)](x)
 
     def __call__(
-        self, *inputs: jax.Array, return_features: bool = False, remat: bool = False
+        self,
+        *inputs: jax.Array,
+        return_features: bool = False,
+        remat: bool = False,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, list[list[jax.Array]]]:
         """Fuses the inputs; with `return_features`, also returns the MGDF-filtered maps of every
         stage: features[stage][input] is (B, Hp, Wp, C) at the window-padded size Hp x Wp.
@@ -92,6 +123,8 @@ class MGDN(nnx.Module):
         remat: under differentiation, keep only the inputs of every MGDF and transformer block
         and recompute their activations in the backward pass (less memory, about a third more
         work).
+        dropout_key: training only: draws the transformer blocks' stochastic depth (rates
+        linear in depth up to the config's drop_path_rate); None, as in inference: none.
         """
         if len(inputs) != self.num_inputs:
             raise ValueError(
@@ -107,9 +140,14 @@ class MGDN(nnx.Module):
         feats = [self._embed(i, pad_to_multiple(x, self.window_size)) for i, x in enumerate(inputs)]
         skip = feats[self.skip_input]
         filtered = []
-        for stage in self.stages:
+        keys = (
+            [None] * len(self.stages)
+            if dropout_key is None
+            else jax.random.split(dropout_key, len(self.stages))
+        )
+        for stage, key in zip(self.stages, keys):
             filtered.append(checkpointed(stage.mgdf, remat)(feats))
-            feats = stage(feats, filtered[-1], remat)
+            feats = stage(feats, filtered[-1], remat, key)
         x = self.merge(jnp.concatenate(feats, axis=-1)) + skip
         out = self.head(x)[:, :h, :w, :]
         return (out, filtered) if return_features else out

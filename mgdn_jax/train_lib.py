@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from clu import metric_writers, periodic_actions
 
 # {"step": () int32, "params": nnx.State (float32), "opt_state": optax state, "rng": (2,) uint32
-# PRNG key, advanced every step and checkpointed for stochastic additions, and with
+# PRNG key, split every step for the model's stochastic depth and checkpointed, and with
 # `ema_decay` > 0 "ema": nnx.State, the moving average of "params"}.
 TrainState = dict[str, Any]
 # (state, batch) -> (state, scalar metrics): `make_train_step`'s jitted step, or it compiled.
@@ -234,12 +234,19 @@ def train_step(
     """
     dtype = COMPUTE_DTYPES[config.compute_dtype]
 
-    def forward(params: nnx.State, inputs: tuple[jax.Array, ...]) -> tuple[jax.Array, Any]:
+    def forward(
+        params: nnx.State, inputs: tuple[jax.Array, ...], key: jax.Array
+    ) -> tuple[jax.Array, Any]:
         model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(dtype), params))
-        return model(*(x.astype(dtype) for x in inputs), return_features=True, remat=config.remat)
+        return model(
+            *(x.astype(dtype) for x in inputs),
+            return_features=True,
+            remat=config.remat,
+            dropout_key=key,
+        )
 
-    def loss_fn(params: nnx.State, batch: dict[str, Any]) -> tuple[jax.Array, dict]:
-        output, features = forward(params, batch["inputs"])
+    def loss_fn(params: nnx.State, batch: dict[str, Any], key: jax.Array) -> tuple[jax.Array, dict]:
+        output, features = forward(params, batch["inputs"], key)
         output = output.astype(jnp.float32)
         features = jax.tree.map(lambda f: f.astype(jnp.float32), features)
         return task_loss(
@@ -252,13 +259,14 @@ def train_step(
         )
 
     def step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict]:
-        grads, terms = jax.grad(loss_fn, has_aux=True)(state["params"], batch)
+        dropout_key, rng = jax.random.split(state["rng"])
+        grads, terms = jax.grad(loss_fn, has_aux=True)(state["params"], batch, dropout_key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {
             "step": state["step"] + 1,
             "params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state,
-            "rng": jax.random.fold_in(state["rng"], state["step"]),
+            "rng": rng,
         }
         if "ema" in state:
             new_state["ema"] = optax.incremental_update(

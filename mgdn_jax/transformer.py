@@ -398,44 +398,87 @@ class LocalContext(nnx.Module):
         return y * gate
 
 
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth, as timm's DropPath trains: with `key`, each sample of x (B, ...) is
+    zeroed with probability `rate` and otherwise scaled by 1 / (1 - rate); without, x."""
+    if key is None or rate == 0.0:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return x * (mask / keep).astype(x.dtype)
+
+
 class ContextAwareTransformerBlock(nnx.Module):
     """(Shifted-)window attention and MLP with pre-norm residuals, plus the local-context branch
-    on the normed input: out = t + attn + mlp + local."""
+    on the normed input: out = t + attn + mlp + local. In training (a `key`), the attention and
+    MLP branches each go through `drop_path` at rate `drop_path_rate`, independently."""
 
     def __init__(
-        self, dim: int, num_heads: int, window: int, shift: int, mlp_ratio: float, *, rngs: nnx.Rngs
+        self,
+        dim: int,
+        num_heads: int,
+        window: int,
+        shift: int,
+        mlp_ratio: float,
+        drop_path_rate: float = 0.0,
+        *,
+        rngs: nnx.Rngs,
     ):
         self.norm1 = LayerNorm(dim)
         self.attn = WindowAttention(dim, window, num_heads, shift, rngs=rngs)
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs)
         self.local = LocalContext(dim, rngs=rngs)
+        self.drop_path_rate = drop_path_rate
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """(B, H, W, C) -> (B, H, W, C); H and W must be multiples of the window."""
+        attn_key, mlp_key = (None, None) if key is None else tuple(jax.random.split(key))
         u = self.norm1(x)
-        t = x + tied(self.attn, WindowAttention.on_map)(u)
-        t = t + self.mlp(t, self.norm2.scale[...], self.norm2.bias[...])
+        attn = tied(self.attn, WindowAttention.on_map)(u)
+        t = x + drop_path(attn, self.drop_path_rate, attn_key)
+        mlp = self.mlp(t, self.norm2.scale[...], self.norm2.bias[...])
+        t = t + drop_path(mlp, self.drop_path_rate, mlp_key)
         return t + self.local(u)
 
 
 class TransformerGroup(nnx.Module):
-    """`depth` context-aware blocks, shifted by window // 2 on the odd-numbered ones."""
+    """`depth` context-aware blocks, shifted by window // 2 on the odd-numbered ones, block i
+    with stochastic depth `drop_path_rates[i]`."""
 
     def __init__(
-        self, dim: int, depth: int, num_heads: int, window: int, mlp_ratio: float, *, rngs: nnx.Rngs
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        mlp_ratio: float,
+        drop_path_rates: tuple[float, ...] | None = None,
+        *,
+        rngs: nnx.Rngs,
     ):
+        rates = drop_path_rates or (0.0,) * depth
         self.blocks = nnx.List(
             [
                 ContextAwareTransformerBlock(
-                    dim, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio, rngs=rngs
+                    dim,
+                    num_heads,
+                    window,
+                    0 if i % 2 == 0 else window // 2,
+                    mlp_ratio,
+                    rates[i],
+                    rngs=rngs,
                 )
                 for i in range(depth)
             ]
         )
 
-    def __call__(self, x: jax.Array, remat: bool = False) -> jax.Array:
-        """(B, H, W, C) -> (B, H, W, C); `remat` recomputes each block in the backward pass."""
-        for block in self.blocks:
-            x = checkpointed(block, remat)(x)
+    def __call__(
+        self, x: jax.Array, remat: bool = False, key: jax.Array | None = None
+    ) -> jax.Array:
+        """(B, H, W, C) -> (B, H, W, C); `remat` recomputes each block in the backward pass;
+        `key` (training) draws the blocks' stochastic depth."""
+        keys = [None] * len(self.blocks) if key is None else jax.random.split(key, len(self.blocks))
+        for block, block_key in zip(self.blocks, keys):
+            x = checkpointed(block, remat)(x, key=block_key)
         return x

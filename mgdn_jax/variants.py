@@ -31,6 +31,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.variant = variant
     cfg.mgca_heads = 6
+    # The release's constructors' default, used in training only (stochastic depth).
+    cfg.drop_path_rate = 0.1
     if variant == "mff":
         cfg.update(
             task="fusion",

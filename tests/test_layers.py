@@ -100,14 +100,17 @@ def test_depthwise_gradients_match_autodiff():
 
 
 def test_remat_keeps_outputs_and_gradients():
-    """A small MGDN: remat=True changes what is stored, not what is computed."""
+    """A small MGDN in training (stochastic depth drawn): remat=True changes what is stored,
+    not what is computed."""
     cfg = model_config("mff")
-    cfg.update(embed_dim=12, depths=(1, 1), num_heads=(2, 2))
+    cfg.update(embed_dim=12, depths=(1, 1), num_heads=(2, 2), drop_path_rate=0.5)
     graphdef, params = nnx.split(build_model(cfg), nnx.Param)
     x1, x2 = _random((2, 16, 16, 3), 4), _random((2, 16, 16, 3), 5)
 
     def loss(p: nnx.State, remat: bool) -> jnp.ndarray:
-        out, features = nnx.merge(graphdef, p)(x1, x2, return_features=True, remat=remat)
+        model = nnx.merge(graphdef, p)
+        key = jax.random.PRNGKey(6)  # stochastic depth: the recomputation draws the same drops
+        out, features = model(x1, x2, return_features=True, remat=remat, dropout_key=key)
         return jnp.mean(out) + sum(jnp.mean(f**2) for stage in features for f in stage)
 
     plain, remat = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, r) for r in (0, 1))

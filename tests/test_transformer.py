@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from mgdn_jax.model import build_model
 from mgdn_jax.transformer import (
     MASK_VALUE,
     ContextAwareTransformerBlock,
     TransformerGroup,
+    drop_path,
     relative_position_index,
     shift_mask,
     window_merge,
     window_partition,
 )
+from mgdn_jax.variants import model_config
 
 _erf = np.vectorize(math.erf)
 
@@ -83,6 +87,34 @@ def test_shift_mask(h, w, window, shift):
 def test_group_shifts_odd_blocks():
     group = nnx.eval_shape(lambda: TransformerGroup(16, 5, 2, 8, 2.0, rngs=nnx.Rngs(0)))
     assert [block.attn.shift for block in group.blocks] == [0, 4, 0, 4, 0]
+
+
+def test_drop_path_zeroes_or_rescales_whole_samples():
+    x = jnp.asarray(np.random.default_rng(0).random((4000, 2, 3, 2)), jnp.float32)
+    y = np.asarray(drop_path(x, 0.25, jax.random.PRNGKey(1)))
+    kept = np.all(np.isclose(y, np.asarray(x) / 0.75, rtol=1e-6), axis=(1, 2, 3))
+    dropped = np.all(y == 0, axis=(1, 2, 3))
+    assert np.all(kept | dropped)
+    assert abs(kept.mean() - 0.75) < 0.03
+    assert drop_path(x, 0.25, None) is x and drop_path(x, 0.0, jax.random.PRNGKey(1)) is x
+
+
+def test_stochastic_depth_rises_over_all_blocks_and_trains_only():
+    """The release's rates: linspace(0, drop_path_rate, sum(depths)) over the blocks of all
+    stages in order; inference (no key) is deterministic, a key draws the drops."""
+    mef = nnx.eval_shape(lambda: build_model(model_config("mef")))
+    rates = [b.drop_path_rate for stage in mef.stages for b in stage.transformer.blocks]
+    np.testing.assert_allclose(rates, np.linspace(0, 0.1, 12))
+    cfg = model_config("mff")
+    cfg.update(embed_dim=12, depths=(2, 2), num_heads=(2, 2), drop_path_rate=0.9)
+    model = build_model(cfg)
+    rng = np.random.default_rng(2)
+    a, b = (jnp.asarray(rng.random((8, 16, 16, 3)), jnp.float32) for _ in range(2))
+    plain = np.asarray(model(a, b))
+    np.testing.assert_array_equal(np.asarray(model(a, b, dropout_key=None)), plain)
+    drawn = np.asarray(model(a, b, dropout_key=jax.random.PRNGKey(3)))
+    np.testing.assert_array_equal(np.asarray(model(a, b, dropout_key=jax.random.PRNGKey(3))), drawn)
+    assert not np.array_equal(drawn, plain)
 
 
 def random_block(dim, heads, window, shift, mlp_ratio, rng) -> ContextAwareTransformerBlock:
