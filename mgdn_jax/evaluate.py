@@ -38,7 +38,13 @@ from jax.experimental import multihost_utils
 
 from mgdn_jax import image_io, input_pipeline, metrics, runtime
 from mgdn_jax.errors import UserError, run_cli
-from mgdn_jax.inference import PAD_MODES, jit_forward, run
+from mgdn_jax.inference import (
+    OFFICIAL_HDR_BLOCK,
+    OFFICIAL_MULTIPLE,
+    PAD_MODES,
+    jit_forward,
+    run,
+)
 from mgdn_jax.model import MGDN
 
 # Longest image name (UTF-8 bytes) that `encode_rows` carries between processes.
@@ -49,8 +55,10 @@ SSIM_DEFINITION = (
     "the image, mean over channels"
 )
 OFFICIAL_PROCEDURE = {
-    input_pipeline.FUSION: "flip padding to the next multiple of 8 beyond the size",
-    input_pipeline.HDR: "500x500 blocks run one by one, each with the network's reflect padding",
+    input_pipeline.FUSION: f"flip padding to the next multiple of {OFFICIAL_MULTIPLE} beyond the "
+    "size",
+    input_pipeline.HDR: f"{OFFICIAL_HDR_BLOCK}x{OFFICIAL_HDR_BLOCK} blocks run one by one, each "
+    "with the network's reflect padding",
     input_pipeline.GDSR: "the whole image, with the network's reflect padding only",
 }
 USAGE = """\

@@ -34,7 +34,7 @@ from mgdn_jax.inference import (
     jit_forward,
     run,
 )
-from mgdn_jax.variants import VARIANTS, gdsr_rgb, model_config
+from mgdn_jax.variants import VARIANTS, gdsr_normalised_depth, gdsr_rgb, model_config
 
 HDR_GAMMA = 2.2
 INPUT_COUNT = {"mff": 2, "mef": 2, "hdr": 3, "gdsr": 2, "gdsr16": 2}
@@ -67,8 +67,7 @@ def prepare(variant: str, paths: list[Path], args: argparse.Namespace) -> tuple[
                 f"{paths[1]}: depth of shape {lr.shape} times scale {args.scale} does not match "
                 f"the {h}x{w} RGB image {paths[0]}"
             )
-        lo, hi = float(lr.min()), float(lr.max())
-        normalised = (lr - lo) / (hi - lo) if hi > lo else np.zeros_like(lr)
+        normalised, lo, hi = gdsr_normalised_depth(lr)
         up = bicubic_resize(normalised, (h, w))[..., None]
         return [gdsr_rgb(rgb), up.astype(np.float32)], {"depth_range": (lo, hi)}
     images = [image_io.read_image(p) for p in paths]
@@ -208,6 +207,7 @@ def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) 
 
     model = load_weights(args.weights, args.variant)
     forward = jit_forward(model, args.dtype)
+    task = model_config(args.variant).task
     for paths, out in progress(jobs, desc="fusing", unit="image", disable=len(jobs) == 1):
         inputs, extras = prepare(args.variant, paths, args)
         output = run(
@@ -215,7 +215,7 @@ def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) 
             inputs,
             model.window_size,
             args.pad,
-            model_config(args.variant).task,
+            task,
             tile=args.tile,
             overlap=args.tile_overlap,
             tile_batch=args.tile_batch,

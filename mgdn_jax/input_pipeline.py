@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from mgdn_jax.resize import bicubic_matrix
-from mgdn_jax.variants import gdsr_rgb
+from mgdn_jax.variants import gdsr_normalised_depth, gdsr_rgb
 
 FUSION, HDR, GDSR = "fusion", "hdr", "gdsr"
 # Training orientations (`orient` modes) per task. The release's HDR and GDSR loaders draw one of
@@ -164,12 +164,9 @@ class _Preprocess:
             )
             target = spatial["target"].astype(np.float32)
         elif self.task == GDSR:
-            # Normalised by its own range after cropping, as the release does (a flat crop: 0).
-            low, high = spatial["depth"].min(), spatial["depth"].max()
+            # Normalised by its own range after cropping, as the release does.
+            depth, low, high = gdsr_normalised_depth(spatial["depth"])
             extras = {"depth_min": np.float32(low), "depth_max": np.float32(high)}
-            depth = ((spatial["depth"] - low) / (high - low if high > low else 1)).astype(
-                np.float32
-            )
             low_res = pil_bicubic_downsample(depth, self.scale)
             upsampled = torch_bicubic_upsample(low_res, *depth.shape)
             inputs = (gdsr_rgb(_to_unit(spatial["rgb"])), upsampled[..., None])

@@ -17,6 +17,13 @@ GDSR_RGB_MEAN = (0.485, 0.456, 0.406)
 GDSR_RGB_STD = (0.229, 0.224, 0.225)
 
 
+def gdsr_normalised_depth(depth: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(H, W) depth -> (float32 (depth - min) / (max - min), min, max), as the release
+    normalises GDSR depth maps (all 0 for a flat map)."""
+    low, high = float(depth.min()), float(depth.max())
+    return ((depth - low) / (high - low if high > low else 1.0)).astype(np.float32), low, high
+
+
 def gdsr_rgb(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) RGB in [0, 1] -> the GDSR network's RGB input: (rgb - mean) / std, float32."""
     mean = np.asarray(GDSR_RGB_MEAN, np.float32)
