@@ -185,8 +185,9 @@ def markdown(payload: dict[str, Any]) -> str:
         [
             "### Training step",
             common.machine_line(payload["machine"])
-            + f" `make_train_step` (forward, loss, backward, AdamW update), median of "
-            f"{settings['repeats']} steps after one warm-up; images/s = batch / (s / step). "
+            + " `make_train_step` (forward, loss, backward, the config's optimizer update and "
+            f"weight average), median of {settings['repeats']} steps after one warm-up; "
+            "images/s = batch / (s / step). "
             "Compute dtype as listed, parameters float32. NMI loss off = `loss.nmi_lambda=0` "
             "(not computed). XLA GFLOP/step: `cost_analysis()` of the compiled step (on GPUs "
             "without the cuDNN convolutions); 3× release fwd: three times the release's forward "

@@ -178,6 +178,8 @@ def _with_filter_backward(
 # is within noise of channels-first forward and 30-50 % faster forward + backward at every
 # size (README).
 _CHANNELS_FIRST_UP_TO: dict[str, int] = {"cuda": 1 << 22}
+# What every other platform and size runs.
+_GENERAL_FORMULATION = "shifted"
 
 
 def default_formulation(platform: str, shape: tuple[int, ...]) -> str:
@@ -185,7 +187,7 @@ def default_formulation(platform: str, shape: tuple[int, ...]) -> str:
     "rocm", "tpu": `jax.export.default_export_platform()` names the local one) on (B, H, W, C)
     features of `shape`."""
     channels_first = math.prod(shape) <= _CHANNELS_FIRST_UP_TO.get(platform, 0)
-    return "channels_first" if channels_first else "shifted"
+    return "channels_first" if channels_first else _GENERAL_FORMULATION
 
 
 def _model_forward(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
@@ -200,7 +202,7 @@ def _model_forward(xpad: jax.Array, taps: jax.Array, k: int) -> jax.Array:
         for platform in _CHANNELS_FIRST_UP_TO
     }
     return jax.lax.platform_dependent(
-        xpad, taps, default=functools.partial(_filter_padded, k=k), **per_platform
+        xpad, taps, default=functools.partial(forwards[_GENERAL_FORMULATION], k=k), **per_platform
     )
 
 

@@ -222,6 +222,15 @@ def run(
     h, w = inputs[0].shape[:2]
     if pad == "official" and task == "hdr" and max(h, w) > OFFICIAL_HDR_BLOCK:
         n = OFFICIAL_HDR_BLOCK
+        edge_h, edge_w = h - (h - 1) // n * n, w - (w - 1) // n * n
+        try:
+            check_reflect_pad(edge_h, edge_w, window)
+        except UserError:
+            raise UserError(
+                f"the release's {n}x{n} HDR blocks leave a {edge_h}x{edge_w} edge block of this "
+                f"{h}x{w} image, too small to reflect-pad to a multiple of {window} (the release "
+                "fails on it too); use pad='model' (mgdn-fuse --pad model)"
+            ) from None
         blocks = [
             (slice(i, i + n), slice(j, j + n)) for i in range(0, h, n) for j in range(0, w, n)
         ]

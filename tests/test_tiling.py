@@ -176,6 +176,24 @@ def test_official_procedure_of_each_task(task: str, monkeypatch: pytest.MonkeyPa
                 np.testing.assert_allclose(out[block], x[block].mean(), rtol=1e-6)
 
 
+def test_official_hdr_edge_block_too_thin(monkeypatch: pytest.MonkeyPatch):
+    """An image one row longer than a multiple of the release's HDR block leaves a one-row edge
+    block that no reflect padding can fill: one error naming it, before any block runs; the
+    model's padding on the whole image still works."""
+    monkeypatch.setattr(inference, "OFFICIAL_HDR_BLOCK", 10)
+    x = np.zeros((21, 28, 1), np.float32)
+    calls = []
+
+    def identity(a: jax.Array) -> jax.Array:
+        calls.append(a.shape)
+        return a
+
+    with pytest.raises(UserError, match=r"leave a 1x8 edge block of this 21x28 image.*pad='model'"):
+        run(identity, [x], WINDOW, "official", "hdr")
+    assert calls == []
+    assert run(identity, [x], WINDOW, "model", "hdr").shape == x.shape
+
+
 def test_single_tile_equals_untiled(reference: Path, forward: Callable[..., jax.Array]):
     inputs = _pair(reference, "lytro_03")
     untiled = run(forward, inputs, WINDOW)
