@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MGDN_SHARED", REPO.parent / "shared"))
 REFERENCE = SHARED / "reference"
 
+# The dataset test modules import helpers from, and take fixtures of, this module: its asserts are
+# rewritten only if it is registered before any of them imports it.
+pytest.register_assert_rewrite("dataset_fixtures")
+
 os.environ.setdefault("MGDN_JAX_CACHE", str(REPO / ".jax_cache"))
 runtime.configure()  # the same XLA flags and compilation cache as the command-line tools
 jax.config.update("jax_default_matmul_precision", "highest")

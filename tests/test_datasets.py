@@ -15,13 +15,7 @@ import mgdn_datasets
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from mgdn_datasets import common
-from PIL import Image
-
-from mgdn_jax import radiance
-
-pytest.register_assert_rewrite("dataset_fixtures")  # before importing it, as a plugin module
-from dataset_fixtures import (  # noqa: E402
+from dataset_fixtures import (
     KALANTARI_EV,
     KALANTARI_SIZE,
     NYU_TRAIN_IDS,
@@ -33,6 +27,10 @@ from dataset_fixtures import (  # noqa: E402
     make_sice,
     prepare,
 )
+from mgdn_datasets import common
+from PIL import Image
+
+from mgdn_jax import radiance
 
 # The session fixtures (data_dir, lytro, kalantari, ...) that build every dataset once.
 pytest_plugins = ["dataset_fixtures"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dataset_fixtures import REPO, load_config, run_without_tensorflow
 from flax import nnx
 from PIL import Image
 
@@ -17,9 +18,6 @@ from mgdn_jax import evaluate, image_io, metrics, train_lib
 from mgdn_jax.convert import save_converted
 from mgdn_jax.model import build_model
 from mgdn_jax.variants import model_config
-
-pytest.register_assert_rewrite("dataset_fixtures")
-from dataset_fixtures import REPO, load_config, run_without_tensorflow  # noqa: E402
 
 pytest_plugins = ["dataset_fixtures"]
 

@@ -12,16 +12,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
-
-from mgdn_jax import input_pipeline
-
-pytest.register_assert_rewrite("dataset_fixtures")  # before importing it, as a plugin module
-from dataset_fixtures import (  # noqa: E402
+from dataset_fixtures import (
     KALANTARI_EV,
     load_config,
     run_without_tensorflow,
 )
+from PIL import Image
+
+from mgdn_jax import input_pipeline
 
 # The session fixtures (data_dir, lytro, kalantari, ...) that build every dataset once.
 pytest_plugins = ["dataset_fixtures"]

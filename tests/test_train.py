@@ -21,13 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from dataset_fixtures import REPO
 from flax import nnx
 
 from mgdn_jax import train_lib
 from mgdn_jax.convert import load_converted
-
-pytest.register_assert_rewrite("dataset_fixtures")
-from dataset_fixtures import REPO  # noqa: E402
 
 pytest_plugins = ["dataset_fixtures"]
 
