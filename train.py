@@ -17,7 +17,8 @@ collectives through gloo. Compiled programs are cached as for the other command-
 re-executes itself at start-up with glibc's malloc asking for transparent huge pages
 (`runtime.use_huge_pages`; GLIBC_TUNABLES=glibc.malloc.hugetlb=0 turns that off).
 
-Needs the `train` extra (clu, TensorFlow, tensorboard): pip install -e ".[train]".
+Needs the `train` extra (TensorFlow and tensorboard, which clu's metric writers and periodic
+actions import): pip install -e ".[train]".
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["workdir"])
 
 
-TRAIN_EXTRA = ("clu", "tensorflow", "tensorboard")
+TRAIN_EXTRA = ("tensorflow", "tensorboard")
 
 
 def check_train_extra() -> None:

@@ -1,12 +1,14 @@
 """Tiny dataset fixtures shared by test_datasets.py and test_input_pipeline.py (loaded with
 `pytest_plugins`): the reference Lytro / MEF / NYU v2 samples, generated files in the exact
 Kalantari, SICE and RealMFF layouts, and session fixtures that build each dataset once, the
-`tfds build` way, into one data_dir; also a runner for code that must not import TensorFlow, and
-a loader of configs/<name>.py."""
+`tfds build` way, into one data_dir; also a runner for code that must work on a base install
+(no extras, so no TensorFlow), and a loader of configs/<name>.py."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 from mgdn_datasets import build
+from packaging.requirements import Requirement
 from PIL import Image
 
 from mgdn_jax import radiance
@@ -32,32 +35,74 @@ def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
     return module.get_config(arg)
 
 
-# Makes any `import tensorflow...` fail in the interpreter it starts.
-_BLOCK_TENSORFLOW = """
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def base_distributions(root: str = "mgdn-jax") -> set[str]:
+    """The installed distributions that `pip install ROOT` (no extras) brings: ROOT and, from
+    the installed metadata, its requirements without an `extra` marker, recursively."""
+    seen: set[str] = set()
+    todo = [root]
+    while todo:
+        name = _canonical(todo.pop())
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requirements = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in requirements:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return seen
+
+
+def outside_base_install(also: tuple[str, ...] = ()) -> list[str]:
+    """Top-level modules of installed distributions that a base install (with the
+    distributions `also` and their requirements) would not have: the extras' TensorFlow and
+    tensorboard, torch, pytest, ..."""
+    base = set().union(base_distributions(), *map(base_distributions, also))
+    return sorted(
+        module
+        for module, dists in importlib.metadata.packages_distributions().items()
+        if not any(_canonical(d) in base for d in dists)
+    )
+
+
+# Makes importing any of BLOCKED fail in the interpreter it starts, as on a base install.
+_BLOCK = """
 import importlib.abc, importlib.machinery, sys
 
 class Blocked(importlib.abc.Loader):
     def create_module(self, spec):
-        raise ModuleNotFoundError(spec.name + " is blocked in this test")
+        raise ModuleNotFoundError(spec.name + " is not a base dependency (blocked in this test)")
 
     def exec_module(self, module):
         pass
 
-class NoTensorFlow(importlib.abc.MetaPathFinder):
+class OutsideBaseInstall(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "tensorflow":
+        if name.split(".")[0] in BLOCKED:
             return importlib.machinery.ModuleSpec(name, Blocked())
 
-sys.meta_path.insert(0, NoTensorFlow())
+sys.meta_path.insert(0, OutsideBaseInstall())
 """
 
 
-def run_without_tensorflow(code: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Runs `code` (Python source, dedented here) in a fresh interpreter in which importing
-    TensorFlow fails; asserts that it exits with 0 and that no TensorFlow module was loaded."""
+def run_on_base_install(
+    code: str, cwd: Path, also: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """Runs `code` (Python source, dedented here) in a fresh interpreter in which importing a
+    module that `pip install mgdn-jax` would not install fails (TensorFlow among them), except
+    those of the distributions `also` (e.g. "pytest", for code that imports the test modules);
+    asserts that it exits with 0 and that no TensorFlow module was loaded."""
+    blocked = f"BLOCKED = {set(outside_base_install(also))!r}\n"
     check = 'loaded = sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow")\n'
     check += 'print("TENSORFLOW MODULES:", loaded)\n'
-    script = _BLOCK_TENSORFLOW + textwrap.dedent(code) + "\n" + check
+    script = blocked + _BLOCK + textwrap.dedent(code) + "\n" + check
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TENSORFLOW MODULES: []" in result.stdout

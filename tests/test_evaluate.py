@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dataset_fixtures import REPO, load_config, run_without_tensorflow
+from dataset_fixtures import REPO, load_config, run_on_base_install
 from flax import nnx
 from PIL import Image
 
@@ -86,7 +86,8 @@ def test_official_weights_on_lytro_match_official_outputs(
 
 
 def test_cli_results_files_without_tensorflow(synthetic_tiny: Path, tiny_weights: Path, tmp_path):
-    """`mgdn-eval` in a fresh interpreter in which importing TensorFlow fails: the table on
+    """`mgdn-eval` in a fresh interpreter that can import only the base dependencies (so not
+    TensorFlow): the table on
     stdout, results.json / results.csv with the convention and one row per image, the outputs;
     no TensorFlow module loaded."""
     argv = [
@@ -102,7 +103,7 @@ def test_cli_results_files_without_tensorflow(synthetic_tiny: Path, tiny_weights
 
         assert evaluate.main({argv!r}) == 0
         """
-    result = run_without_tensorflow(code, tmp_path)
+    result = run_on_base_install(code, tmp_path)
 
     directory = tmp_path / "eval" / "synthetic_fusion_mff_tiny_test"
     record, comment, rows = read_results(directory)
