@@ -15,11 +15,12 @@ field, e.g. `model.depths=(1,1)`. Every combination of `--dtypes` (compute dtype
 float32), `--nmi` (on: the config's NMI redundancy loss; off: `loss.nmi_lambda=0`, the NMI not
 computed at all) and `--remat` is measured, each in a child process of its own (peak RSS per
 configuration) unless --in-process. Reports compile time, the median of `--repeats` steps after one
-warm-up as s/step, steps/s and images/s, XLA's FLOPs per step, XLA's temporary buffers, XLA's FLOPs
-per second as a share of the matmul peak in the same dtype (measured in the same run; off CPU also
-of the full-float32 peak) and the peak RSS / device peak. Combinations run in the order given with
-the variant innermost, so that with `--budget-s` the first combination is measured for every variant
-before the budget runs out.
+warm-up as s/step, steps/s and images/s, XLA's FLOPs per step, XLA's temporary buffers, GFLOP/s
+from XLA's count and from three times the release's forward count, the larger of the two as a share
+of the matmul peak in the same dtype (measured in the same run; off CPU also of the full-float32
+peak; on GPUs XLA's count leaves out the cuDNN convolutions) and the peak RSS / device peak.
+Combinations run in the order given with the variant innermost, so that with `--budget-s` the first
+combination is measured for every variant before the budget runs out.
 """
 
 from __future__ import annotations

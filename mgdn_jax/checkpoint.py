@@ -2,8 +2,8 @@
 
 A training run keeps its checkpoints in `WORKDIR/checkpoints/STEP/`, written by an orbax
 `CheckpointManager` with two items:
-- `state`: the train state pytree {"step", "params", "opt_state", "rng"} (`StandardSave`);
-  plain orbax restores it without this project's code.
+- `state`: the train state pytree {"step", "params", "opt_state", "rng"} and, with
+  `ema_decay` > 0, "ema" (`StandardSave`); plain orbax restores it without this project's code.
 - `data`: the grain input iterator's state (grain's checkpoint handler: one JSON file per
   process), so that a resumed run sees exactly the batches an uninterrupted one would.
 

@@ -183,7 +183,8 @@ def load_state_dict(
 
 
 def read_torch_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Reads a `.pth` file (a flat state_dict, or one under 'params'/'state_dict') as NumPy."""
+    """Reads a `.pth` file (a flat state_dict, or one under 'params_ema' (preferred),
+    'params' or 'state_dict') as NumPy."""
     try:
         import torch
     except ImportError as e:

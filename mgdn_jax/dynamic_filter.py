@@ -175,7 +175,7 @@ def _with_filter_backward(
 # (0.2-0.5 ms) put the forward crossing as low as 1.5 M. The limit 2^22 (4.2 M) leaves 512^2 x 30
 # (7.9 M) and MFF's padded 520^2 inputs, 528^2 x 30 (8.4 M), where the lines put channels-first
 # 9-11 % behind, to the merged layout; 512^2 itself is not measured. On CPU the merged layout
-# is within noise of channels-first forward and 30-50 % faster forward + backward at every
+# is within noise of channels-first forward and 32-56 % faster forward + backward at every
 # size (README).
 _CHANNELS_FIRST_UP_TO: dict[str, int] = {"cuda": 1 << 22}
 # What every other platform and size runs.
