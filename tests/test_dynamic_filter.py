@@ -117,8 +117,8 @@ def _hlo_shapes(text: str) -> list[tuple[int, ...]]:
 )
 def test_no_unfolded_tensor(fn, materialises):
     """The default path never holds an array as large as the (B, H, W, C, 49) unfolded
-    neighbourhoods, in its jaxpr or in the compiled HLO; the unfold path does (which shows that
-    the inspection finds one)."""
+    neighbourhoods, in its jaxpr or in the compiled HLO; the unfold path's jaxpr does (which
+    shows that the inspection finds one), and the HLO parser finds the input's shape."""
     b, h, w, c = shape = (2, 5, 6, 3)
     x, taps = random_inputs(shape)
     unfolded = b * h * w * c * NUM_TAPS
@@ -128,9 +128,10 @@ def test_no_unfolded_tensor(fn, materialises):
 
     jaxpr_big = big(_jaxpr_shapes(jax.make_jaxpr(fn)(x, taps).jaxpr))
     assert bool(jaxpr_big) == materialises, jaxpr_big
+    hlo_shapes = _hlo_shapes(fn.lower(x, taps).compile().as_text())
+    assert shape in hlo_shapes  # the parser reads the program's arrays
     if not materialises:
-        hlo = fn.lower(x, taps).compile().as_text()
-        assert not big(_hlo_shapes(hlo))
+        assert not big(hlo_shapes)
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,17 @@ import tifffile
 from PIL import Image
 
 from mgdn_jax import fuse, image_io, radiance
+from mgdn_jax.convert import from_torch
 
 
 def _fuse(*args: str | Path) -> int:
     return fuse.main([str(a) for a in args])
+
+
+def _network(weights: Path, variant: str, inputs: list[np.ndarray]) -> np.ndarray:
+    """The official-weights network on one example: (H, W, C_i) inputs -> (H, W, C_out)."""
+    model = from_torch(weights, variant)
+    return np.asarray(model(*(np.asarray(x, np.float32)[None] for x in inputs))[0])
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +128,8 @@ def test_mef_directory_mode(reference: Path, tmp_path: Path):
 
 
 def test_hdr_writes_radiance(reference: Path, tmp_path: Path):
+    """Radiance .hdr and float .npy outputs from exposures given as a file and as EV stops, both
+    the network run on LDR || LDR^2.2 / 2^EV built here."""
     rng = np.random.default_rng(0)
     frames = []
     for i in range(3):
@@ -160,9 +169,16 @@ def test_hdr_writes_radiance(reference: Path, tmp_path: Path):
     assert hdr.shape == linear.shape == (24, 32, 3)
     # RGBE shares one exponent per pixel: 8-bit mantissas relative to the brightest channel.
     assert np.all(np.abs(hdr - linear) <= linear.max(axis=-1, keepdims=True) * 2**-7 + 1e-6)
+    # The network's inputs built here from the definition: LDR in [0, 1] || LDR^2.2 / 2^EV.
+    ldrs = [tifffile.imread(f).astype(np.float64) / 65535.0 for f in frames]
+    inputs = [np.concatenate([x, x**2.2 / 2.0**ev], -1) for x, ev in zip(ldrs, (0, 2, 4))]
+    expected = _network(reference / "variants/hdr_random.pth", "hdr", inputs)
+    np.testing.assert_allclose(linear, expected, atol=1e-5)
 
 
 def test_gdsr_depth_and_preview(reference: Path, tmp_path: Path):
+    """The depth in metres, equal to the network run on inputs built here as the release builds
+    them, and its preview."""
     rgb = reference / "gdsr_samples/RGB/1444.jpg"
     depth = np.load(reference / "gdsr_samples/Depth/1444.npy")
     lr = tmp_path / "lr.npy"
@@ -182,10 +198,26 @@ def test_gdsr_depth_and_preview(reference: Path, tmp_path: Path):
     )
     assert rc == 0
     pred = np.load(out)
-    assert pred.shape == depth.shape
-    assert depth[::4, ::4].min() - 1e-4 <= pred.min() and pred.max() <= depth[::4, ::4].max() + 1e-4
     preview = np.asarray(Image.open(tmp_path / "depth.preview.png"))
-    assert preview.shape == depth.shape + (3,)
+    assert pred.shape == depth.shape and preview.shape == depth.shape + (3,)
+    # The release's GDSR inputs built here: the RGB / 255 standardised with ImageNet's mean and
+    # std, the low-resolution depth min/max-normalised and upsampled by PyTorch's bicubic; the
+    # output clipped to [0, 1] and de-normalised.
+    import torch
+
+    image = np.asarray(Image.open(rgb).convert("RGB"), np.float64) / 255.0
+    image = (image - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    low = depth[::4, ::4]
+    lo, hi = low.min(), low.max()
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy((low - lo) / (hi - lo))[None, None].double(),
+        size=depth.shape,
+        mode="bicubic",
+        align_corners=False,
+    )[0, 0, ..., None].numpy()
+    normalised = _network(reference / "variants/gdsr_random.pth", "gdsr", [image, up])
+    expected = np.clip(normalised[..., 0], 0.0, 1.0) * (hi - lo) + lo
+    np.testing.assert_allclose(pred, expected, atol=1e-5 * (hi - lo))
 
 
 def test_image_modes_read_as_their_colours(tmp_path: Path):

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 
 from mgdn_jax.resize import bicubic_resize
-
-torch = pytest.importorskip("torch")
 
 
 @pytest.mark.parametrize("size", [(120, 164), (240, 328), (77, 50)])

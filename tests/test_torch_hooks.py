@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mgdn_jax.parity import read_activations
 from mgdn_jax.torch_hooks import record_activations
 
-torch = pytest.importorskip("torch")
 nn = torch.nn
 
 
