@@ -127,7 +127,7 @@ def prepare(name: str, data_dir: Path, manual_dir: Path | None = None) -> None:
     argv = [name, "--data_dir", str(data_dir)]
     if manual_dir is not None:
         argv += ["--manual_dir", str(manual_dir)]
-    assert build.main(argv) == 0
+    build.build(argv)
 
 
 def texture(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:

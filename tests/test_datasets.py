@@ -27,7 +27,7 @@ from dataset_fixtures import (
     make_sice,
     prepare,
 )
-from mgdn_datasets import common
+from mgdn_datasets import build, common
 from PIL import Image
 
 from mgdn_jax import radiance
@@ -170,6 +170,18 @@ def test_missing_manual_dir_names_layout(tmp_path):
     assert isinstance(error, common.DataLayoutError)
     assert str(tmp_path / "nowhere") in str(error)
     assert "B/lytro_01.jpg ... B/lytro_20.jpg" in str(error)  # the expected layout
+
+
+def test_command_reports_bad_input_in_one_error(tmp_path, capsys):
+    """`python -m mgdn_datasets.build` turns the builders' errors into `error: ...` and exit
+    status 2, as the other command-line tools do: a missing manual_dir, an unknown name."""
+    nowhere = tmp_path / "nowhere"
+    args = ["--data_dir", str(tmp_path / "data")]
+    assert build.main(["mff_lytro", "--manual_dir", str(nowhere), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: mff_lytro: Manual directory {nowhere} does not exist")
+    assert build.main(["no_such_dataset", *args]) == 2
+    assert capsys.readouterr().err == "error: Dataset no_such_dataset not found.\n"
 
 
 def test_malformed_manual_dir_names_first_missing_file(tmp_path, reference):
