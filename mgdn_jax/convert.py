@@ -241,8 +241,12 @@ def load_converted(directory: str | Path) -> tuple[MGDN, ml_collections.ConfigDi
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise UserError(f"{directory}: not a converted MGDN checkpoint (no config.json)")
-    cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    model = abstract_model(cfg)
+    try:
+        cfg = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+        model = abstract_model(cfg)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError included
+        problem = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise UserError(f"{config_file}: not an MGDN model config ({problem})") from e
     # Onto this process's first device, whatever devices the parameters were saved from (a
     # multi-device training run's export holds its mesh sharding).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -201,7 +201,7 @@ def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) 
     elif args.exposures is not None:
         if len(args.exposures) != expected:
             raise UserError(f"--exposures needs {expected} values, got {len(args.exposures)}")
-        args.exposures = np.power(2.0, np.asarray(args.exposures, np.float32))
+        args.exposures = image_io.exposure_times(args.exposures, "--exposures")
 
     from mgdn_jax.convert import load_weights
 
@@ -220,6 +220,11 @@ def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) 
             overlap=args.tile_overlap,
             tile_batch=args.tile_batch,
         )
+        if not np.all(np.isfinite(output)):
+            raise UserError(
+                f"{', '.join(map(str, paths))}: the output is not finite (NaN or infinity in "
+                f"these inputs or in the weights {args.weights}); nothing written to {out}"
+            )
         finish(args.variant, output, extras, out)
 
 

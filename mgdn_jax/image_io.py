@@ -104,7 +104,18 @@ def read_exposures(path: str | Path, count: int) -> np.ndarray:
         raise UserError(f"{path}: cannot read exposure values ({type(e).__name__})") from e
     if ev.shape != (count,):
         raise UserError(f"{path}: expected {count} exposure values, found {ev.size}")
-    return np.power(2.0, ev).astype(np.float32)
+    return exposure_times(ev, str(path))
+
+
+def exposure_times(ev: np.ndarray, source: str) -> np.ndarray:
+    """EV stops -> exposure times 2**EV (float32); `source` names them in the error for a
+    value that is not finite or whose time float32 cannot hold."""
+    with np.errstate(over="ignore", under="ignore"):
+        times = np.power(2.0, np.asarray(ev, np.float64)).astype(np.float32)
+    if not np.all(np.isfinite(times)) or not np.all(times > 0):
+        values = " ".join(str(float(v)) for v in np.ravel(ev))
+        raise UserError(f"{source}: exposure values must be finite EV stops, got {values}")
+    return times
 
 
 def check_writable(path: str | Path) -> Path:

@@ -313,6 +313,38 @@ def test_bad_input(reference: Path, mff_weights: Path, tmp_path: Path, capsys):
     )
 
 
+def test_non_finite_input_and_broken_converted_config(
+    reference: Path, mff_weights: Path, tmp_path: Path, capsys
+):
+    """A NaN pixel (which spreads to the whole output through MGCA's statistics), exposures
+    that are not finite, a converted checkpoint whose config.json is not a model config: one
+    error each, nothing written."""
+    image = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    clean, nan = tmp_path / "clean.tif", tmp_path / "nan.tif"
+    tifffile.imwrite(clean, image, photometric="rgb")
+    image[3, 4, 1] = np.nan
+    tifffile.imwrite(nan, image, photometric="rgb")
+    mff = ("--variant", "mff", "--weights", mff_weights, "--output", tmp_path / "o.png")
+    message = _bad(capsys, tmp_path, *mff, nan, clean)
+    assert "nan.tif" in message and "not finite" in message
+    hdr = ("--variant", "hdr", "--weights", reference / "variants/hdr_random.pth")
+    frames = (clean, clean, clean)
+    out = ("--output", tmp_path / "o.hdr")
+    message = _bad(capsys, tmp_path, *hdr, "--exposures", "-2", "nan", "2", *out, *frames)
+    assert "--exposures" in message and "nan" in message
+    exposure_file = tmp_path / "exposure.txt"
+    exposure_file.write_text("0\n2\n2000\n")
+    message = _bad(capsys, tmp_path, *hdr, "--exposure-file", exposure_file, *out, *frames)
+    assert "exposure.txt" in message and "finite" in message
+    for name, text in (("truncated", "{"), ("list", "[1, 2]"), ("no_depths", '{"variant": "mff"}')):
+        converted = tmp_path / name
+        converted.mkdir()
+        (converted / "config.json").write_text(text)
+        args = ("--variant", "mff", "--weights", converted, "--output", tmp_path / "o.png")
+        message = _bad(capsys, tmp_path, *args, clean, clean)
+        assert f"{converted / 'config.json'}: not an MGDN model config" in message
+
+
 def test_console_script(reference: Path, tmp_path: Path):
     exe = shutil.which("mgdn-fuse") or pytest.fail("mgdn-fuse is not installed")
     result = subprocess.run(
