@@ -18,6 +18,7 @@ round), .npy float32 before quantisation, .tif 16-bit, .hdr Radiance (HDR). GDSR
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -161,6 +162,18 @@ def _check_tiling(args: argparse.Namespace) -> None:
         raise UserError("--tile-overlap needs --tile")
 
 
+def _check_output_dir(directory: Path) -> None:
+    """--output-dir: an existing directory, or one that can be made (it is made only when the
+    first output is written, so that a run stopped by bad input leaves nothing behind)."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{directory}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{directory}: not writable")
+
+
 def _jobs(args: argparse.Namespace) -> list[tuple[list[Path], Path]]:
     if args.input_dir:
         if args.inputs or args.output:
@@ -170,7 +183,10 @@ def _jobs(args: argparse.Namespace) -> list[tuple[list[Path], Path]]:
         suffix = args.format or (".npy" if args.variant.startswith("gdsr") else ".png")
         if not suffix.startswith("."):
             suffix = "." + suffix
-        args.output_dir.mkdir(parents=True, exist_ok=True)
+        if suffix.lower() not in image_io.OUTPUT_SUFFIXES:
+            known = ", ".join(image_io.OUTPUT_SUFFIXES)
+            raise UserError(f"--format {args.format}: unknown output format; use one of {known}")
+        _check_output_dir(args.output_dir)
         return [
             (group, args.output_dir / (group[0].stem + suffix)) for group in _pairs(args.input_dir)
         ]
@@ -183,7 +199,8 @@ def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) 
     _check_tiling(args)
     jobs = _jobs(args)
     for paths, out in jobs:
-        image_io.check_writable(out)
+        if out.parent.is_dir():  # else an --output-dir checked and not made yet
+            image_io.check_writable(out)
         if args.variant.startswith("gdsr") and out.suffix.lower() != ".npy":
             raise UserError(
                 f"{out}: GDSR writes depth as .npy (float32, in the input's units); an image "
@@ -208,6 +225,8 @@ def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) 
     model = load_weights(args.weights, args.variant)
     forward = jit_forward(model, args.dtype)
     task = model_config(args.variant).task
+    if args.output_dir is not None:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
     for paths, out in progress(jobs, desc="fusing", unit="image", disable=len(jobs) == 1):
         inputs, extras = prepare(args.variant, paths, args)
         output = run(

@@ -345,6 +345,22 @@ def test_non_finite_input_and_broken_converted_config(
         assert f"{converted / 'config.json'}: not an MGDN model config" in message
 
 
+def test_directory_mode_bad_input_leaves_nothing(mff_weights: Path, tmp_path: Path, capsys):
+    """Bad directory-mode input stops before the output directory is made."""
+    dirs = [tmp_path / "A", tmp_path / "B"]
+    for d, count in zip(dirs, (2, 1)):
+        d.mkdir()
+        for i in range(count):
+            Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(d / f"x{i}.png")
+    mff = ("--variant", "mff", "--weights", mff_weights, "--input-dir", *dirs)
+    out = ("--output-dir", tmp_path / "new" / "out")
+    assert "different numbers of files" in _bad(capsys, tmp_path, *mff, *out)
+    (dirs[1] / "x1.png").write_bytes((dirs[1] / "x0.png").read_bytes())
+    assert "--format .xyz" in _bad(capsys, tmp_path, *mff, *out, "--format", ".xyz")
+    a_file = tmp_path / "A" / "x0.png"
+    assert "is not a directory" in _bad(capsys, tmp_path, *mff, "--output-dir", a_file)
+
+
 def test_console_script(reference: Path, tmp_path: Path):
     exe = shutil.which("mgdn-fuse") or pytest.fail("mgdn-fuse is not installed")
     result = subprocess.run(
