@@ -38,6 +38,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mgdn_jax import train_lib
+from mgdn_jax.errors import EXIT_USAGE, UserError, config_error
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -78,11 +79,31 @@ def main(argv: list[str]) -> None:
         jax.devices(),
     )
     try:
-        train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        config = _CONFIG.value
+    except Exception as e:  # config_flags raises a config file's load error on first access
+        print(f"error: {config_error(e)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    try:
+        train_lib.train_and_evaluate(config, _WORKDIR.value)
     except train_lib.NonFiniteLossError as e:
         logging.error("%s", e)
         sys.exit(1)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a config file that does not load or an override of an unknown
+    field reported as one `error: ...` line and exit status 2 (absl reports bad flags itself)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error:
+        raise
+    except Exception as e:  # config_flags passes on whatever loading the config file raised
+        print(f"error: {config_error(e)}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 
@@ -20,3 +21,13 @@ def run_cli(fn: Callable[[], None]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def config_error(e: Exception) -> UserError:
+    """What ml_collections' `--config` flag raised while loading the config file or applying a
+    `--config.FIELD=VALUE` override (it passes on the loader's own exception) as one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    field = re.fullmatch(r"""["']*([A-Za-z_]\w*)["']*""", lines[0] if lines else "")
+    if isinstance(e, (AttributeError, KeyError)) and field:
+        return UserError(f"unknown config field '{field[1]}' in a --config override")
+    return UserError(f"--config: {lines[-1] if lines else type(e).__name__}")

@@ -37,7 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mgdn_jax import image_io, input_pipeline, metrics, runtime
-from mgdn_jax.errors import UserError, run_cli
+from mgdn_jax.errors import UserError, config_error, run_cli
 from mgdn_jax.inference import (
     OFFICIAL_HDR_BLOCK,
     OFFICIAL_MULTIPLE,
@@ -333,11 +333,7 @@ def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, Path]:
     try:
         extra = flag_values(argv)[1:]
     except Exception as e:  # config_flags passes on whatever loading the config file raised
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        field = re.fullmatch(r"""["']*([A-Za-z_]\w*)["']*""", lines[0] if lines else "")
-        if isinstance(e, (AttributeError, KeyError)) and field:
-            raise UserError(f"unknown config field '{field[1]}' in a --config override") from e
-        raise UserError(f"--config: {lines[-1] if lines else type(e).__name__}") from e
+        raise config_error(e) from e
     if extra:
         raise UserError(f"unexpected arguments: {' '.join(extra)}")
     if config.value is None:

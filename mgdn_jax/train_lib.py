@@ -37,6 +37,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mgdn_jax import checkpoint, evaluate, input_pipeline, runtime
+from mgdn_jax.errors import UserError
 from mgdn_jax.losses import default_loss_config, task_loss
 from mgdn_jax.model import build_model
 
@@ -511,7 +512,11 @@ def _compile_on_all_processes(
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """Trains (resuming from `workdir`'s latest checkpoint if any) up to `config.total_steps`,
-    or until SIGTERM; returns the final state. Raises NonFiniteLossError on a NaN/inf loss."""
+    or until SIGTERM; returns the final state. Raises NonFiniteLossError on a NaN/inf loss, and
+    UserError, before writing anything, on an unknown compute dtype."""
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        known = ", ".join(COMPUTE_DTYPES)
+        raise UserError(f"compute_dtype {config.compute_dtype!r}: expected one of {known}")
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)

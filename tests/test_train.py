@@ -427,3 +427,25 @@ def test_train_metrics_average_the_window():
         window.add(step, {"loss": jnp.float32(loss), "learning_rate": jnp.float32(0)}, "b")
     with pytest.raises(train_lib.NonFiniteLossError, match="at step 5;"):
         window.drain()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"nosuch": 3}, "error: unknown config field 'nosuch' in a --config override"),
+        ({"compute_dtype": "foo"}, "error: compute_dtype 'foo': expected one of float32, bfloat16"),
+        ({"file": "nope.py"}, "error: --config: [Errno 2] No such file or directory: 'nope.py'"),
+    ],
+)
+def test_bad_config_is_one_error(tmp_path: Path, change: dict, message: str):
+    """A missing config file, an override of an unknown field or a bad value: one error line,
+    exit status 2, and no workdir made."""
+    workdir = tmp_path / "run"
+    config_file = change.pop("file", None)
+    command = train_command(tmp_path / "data", workdir, **change)
+    if config_file is not None:
+        command = [f"--config={config_file}" if c.startswith("--config=") else c for c in command]
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert not workdir.exists()
