@@ -343,9 +343,6 @@ def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, Path]:
 
 def check_eval_config(config: ml_collections.ConfigDict) -> Path:
     """One-line `UserError`s for a config mgdn-eval cannot run; returns the weights path."""
-    import mgdn_datasets
-    import tensorflow_datasets as tfds
-
     if "eval" not in config or "weights" not in config:
         raise UserError("the config has no `eval` section or `weights` field")
     if config.weights is None:
@@ -355,9 +352,25 @@ def check_eval_config(config: ml_collections.ConfigDict) -> Path:
         raise UserError(f"{weights}: no such file or directory")
     if config.eval.pad not in PAD_MODES:
         raise UserError(f"unknown eval.pad {config.eval.pad!r}; expected one of {PAD_MODES}")
-    name, data_dir = config.eval.dataset, config.data.data_dir
+    name = config.eval.dataset
     if not name:
         raise UserError("no eval dataset: pass --config.eval.dataset=NAME")
+    builder = check_dataset(name, config.data.data_dir)
+    if not builder.is_prepared():
+        return weights  # generated on first use; its splits are known once built
+    try:
+        builder.info.splits[config.eval.split]
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{name}: {str(e).splitlines()[0]}") from e
+    return weights
+
+
+def check_dataset(name: str, data_dir: str | None) -> Any:
+    """One-line `UserError`s for a dataset that is unknown or, needing manual files, not built
+    (generated ones build on first use); returns its TFDS builder."""
+    import mgdn_datasets
+    import tensorflow_datasets as tfds
+
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
@@ -365,19 +378,13 @@ def check_eval_config(config: ml_collections.ConfigDict) -> Path:
         raise UserError(f"unknown dataset {name!r}; the MGDN datasets are {known}") from e
     except ValueError as e:
         raise UserError(f"dataset {name!r}: {str(e).splitlines()[0]}") from e
-    if not builder.is_prepared():
-        if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-            where = f" --data_dir {data_dir}" if data_dir else ""
-            raise UserError(
-                f"{name} is not prepared in {builder.data_dir}; build it with "
-                f"`python -m mgdn_datasets.build {name} --manual_dir DIR{where}`"
-            )
-        return weights  # generated on first use; its splits are known once built
-    try:
-        builder.info.splits[config.eval.split]
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{name}: {str(e).splitlines()[0]}") from e
-    return weights
+    if not builder.is_prepared() and builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        where = f" --data_dir {data_dir}" if data_dir else ""
+        raise UserError(
+            f"{name} is not prepared in {builder.data_dir}; build it with "
+            f"`python -m mgdn_datasets.build {name} --manual_dir DIR{where}`"
+        )
+    return builder
 
 
 def run_eval(argv: list[str], progress: Callable[[Iterable], Iterable]) -> None:

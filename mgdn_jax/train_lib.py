@@ -510,13 +510,24 @@ def _compile_on_all_processes(
     return compiled
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Trains (resuming from `workdir`'s latest checkpoint if any) up to `config.total_steps`,
-    or until SIGTERM; returns the final state. Raises NonFiniteLossError on a NaN/inf loss, and
-    UserError, before writing anything, on an unknown compute dtype."""
+def check_train_config(config: ml_collections.ConfigDict) -> None:
+    """One-line `UserError`s for values training cannot run with: the compute dtype, the patch
+    size and batch, an unknown or unbuilt training dataset."""
     if config.compute_dtype not in COMPUTE_DTYPES:
         known = ", ".join(COMPUTE_DTYPES)
         raise UserError(f"compute_dtype {config.compute_dtype!r}: expected one of {known}")
+    for field in ("patch_size", "global_batch"):
+        value = config.data[field]
+        if not isinstance(value, int) or value <= 0:
+            raise UserError(f"data.{field} must be a positive integer, got {value!r}")
+    evaluate.check_dataset(config.data.train_dataset, config.data.data_dir)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+    """Trains (resuming from `workdir`'s latest checkpoint if any) up to `config.total_steps`,
+    or until SIGTERM; returns the final state. Raises NonFiniteLossError on a NaN/inf loss, and
+    UserError, before writing anything, for a config `check_train_config` rejects."""
+    check_train_config(config)
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
