@@ -86,9 +86,13 @@ def read_depth(path: str | Path) -> np.ndarray:
         depth = np.load(path, allow_pickle=False)
     except Exception as e:
         raise UserError(f"{path}: not a readable .npy depth map ({type(e).__name__})") from e
+    if not isinstance(depth, np.ndarray):  # an .npz archive
+        raise UserError(f"{path}: not a .npy depth map (an archive of several arrays)")
+    if not (np.issubdtype(depth.dtype, np.integer) or np.issubdtype(depth.dtype, np.floating)):
+        raise UserError(f"{path}: depth must be integers or floats, got dtype {depth.dtype}")
     if depth.ndim == 3 and depth.shape[-1] == 1:
         depth = depth[..., 0]
-    if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.number):
+    if depth.ndim != 2:
         raise UserError(f"{path}: depth must be an (H, W) array, got shape {depth.shape}")
     if not np.all(np.isfinite(depth)):
         raise UserError(f"{path}: depth map has non-finite values")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import sys
 import zipfile
@@ -111,6 +112,14 @@ def read_activations(path: str | Path) -> dict[str, np.ndarray]:
     return acts
 
 
+def _tolerance(text: str) -> float:
+    """--tolerance: a finite number >= 0."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mgdn-parity",
@@ -121,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", required=True, help=".pth or converted directory")
     parser.add_argument(
         "--tolerance",
-        type=float,
+        type=_tolerance,
         default=1e-4,
         help="max abs diff allowed, relative to max(1, max |ref|)",
     )

@@ -345,6 +345,26 @@ def test_non_finite_input_and_broken_converted_config(
         assert f"{converted / 'config.json'}: not an MGDN model config" in message
 
 
+def test_depth_files_of_the_wrong_kind(reference: Path, tmp_path: Path, capsys):
+    """A depth archive (.npz), complex or boolean depth: one error naming the file and what is
+    wrong with it."""
+    rgb = reference / "gdsr_samples/RGB/1444.jpg"
+    good = np.load(reference / "gdsr_samples/Depth/1444.npy")[::4, ::4]
+    cases = {
+        "archive.npy": ("several arrays", lambda f: np.savez(f, depth=good)),
+        "complex.npy": ("dtype complex", lambda f: np.save(f, good.astype(np.complex64))),
+        "bool.npy": ("dtype bool", lambda f: np.save(f, good > good.mean())),
+    }
+    for name, (expected, write) in cases.items():
+        with open(tmp_path / name, "wb") as f:
+            write(f)
+    weights = reference / "variants/gdsr_random.pth"
+    gdsr = ("--variant", "gdsr", "--weights", weights, "--output", tmp_path / "d.npy", rgb)
+    for name, (expected, _) in cases.items():
+        message = _bad(capsys, tmp_path, *gdsr, tmp_path / name)
+        assert name in message and expected in message, message
+
+
 def test_directory_mode_bad_input_leaves_nothing(mff_weights: Path, tmp_path: Path, capsys):
     """Bad directory-mode input stops before the output directory is made."""
     dirs = [tmp_path / "A", tmp_path / "B"]

@@ -55,3 +55,13 @@ def test_cli_fails_on_perturbed_output(reference, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "| output | (1, 45, 70, 3) |" in captured.out and "| NO |" in captured.out
     assert "FAILED: 1 beyond tolerance" in captured.err and "output" in captured.err
+
+
+@pytest.mark.parametrize("tolerance", ["nan", "-1", "inf"])
+def test_cli_rejects_a_tolerance_that_is_not_a_finite_bound(tolerance, tmp_path, capsys):
+    """A usage error (exit status 2) naming the value, before any file is read."""
+    argv = ["missing.npz", "--variant", "mff", "--weights", str(tmp_path), "--tolerance", tolerance]
+    with pytest.raises(SystemExit) as exit_info:
+        parity.main(argv)
+    assert exit_info.value.code == 2
+    assert f"must be a finite number >= 0, got {tolerance}" in capsys.readouterr().err
