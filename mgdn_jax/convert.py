@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -212,15 +213,24 @@ def from_torch(path: str | Path, variant: str) -> MGDN:
     return load_state_dict(model, read_torch_state_dict(path), str(path), variant)
 
 
-def save_converted(model: MGDN, cfg: ml_collections.ConfigDict, output: str | Path) -> None:
-    """Writes DIR/params (orbax) and DIR/config.json; the directory appears only when complete."""
-    import orbax.checkpoint as ocp
-
+def check_new_directory(output: str | Path) -> Path:
+    """The absolute path of a directory that does not exist yet and can be made, or a
+    `UserError` naming the problem."""
     output = Path(output).absolute()
     if output.exists():
         raise UserError(f"{output}: already exists; choose a new output directory")
     if not output.parent.is_dir():
         raise UserError(f"{output.parent}: no such directory")
+    if not os.access(output.parent, os.W_OK):
+        raise UserError(f"{output}: {output.parent} is not writable")
+    return output
+
+
+def save_converted(model: MGDN, cfg: ml_collections.ConfigDict, output: str | Path) -> None:
+    """Writes DIR/params (orbax) and DIR/config.json; the directory appears only when complete."""
+    import orbax.checkpoint as ocp
+
+    output = check_new_directory(output)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         with ocp.StandardCheckpointer() as ckptr:
@@ -284,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def convert() -> None:
+        check_new_directory(args.output)
         model = from_torch(args.source, args.variant)
         save_converted(model, model_config(args.variant), args.output)
         print(f"wrote {args.output}")

@@ -140,6 +140,16 @@ def test_cli_round_trip_and_existing_output(reference, tmp_path, capsys):
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def test_unwritable_output_is_checked_first(tmp_path, capsys, monkeypatch):
+    """An output directory that cannot be made is reported before the checkpoint is read (the
+    source does not even exist here). As root every directory is writable, so the permission
+    check is stubbed."""
+    monkeypatch.setattr(convert.os, "access", lambda path, mode: False)
+    argv = [str(tmp_path / "missing.pth"), "--variant", "mff", "--output", str(tmp_path / "out")]
+    assert convert.main(argv) == EXIT_USAGE
+    assert f"{tmp_path} is not writable" in capsys.readouterr().err
+
+
 def test_load_converted_rejects_other_directories(tmp_path):
     with pytest.raises(UserError, match="no config.json"):
         convert.load_converted(tmp_path)
