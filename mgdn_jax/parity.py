@@ -64,6 +64,14 @@ def _row(name: str, ours: np.ndarray | None, ref: np.ndarray) -> Row:
 
 def compare(model: MGDN, activations: dict[str, np.ndarray]) -> list[Row]:
     """Runs `model` on the recorded inputs and compares every recorded array."""
+    for i, channels in enumerate(model.in_channels):
+        x = activations.get(f"input{i}")
+        if x is None or x.ndim != 4 or x.shape[-1] != channels:
+            got = "none" if x is None else f"shape {x.shape}"
+            shape = f"(B, H, W, {channels})"
+            raise UserError(
+                f"the activations' input{i} should be {shape} for this model, got {got}"
+            )
     inputs = [jnp.asarray(activations[f"input{i}"]) for i in range(model.num_inputs)]
     with untied():
         output, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
@@ -103,10 +111,13 @@ def format_table(rows: list[Row], tolerance: float) -> str:
 def read_activations(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     try:
-        with np.load(path) as data:
-            acts = {k: data[k] for k in data.files}
+        data = np.load(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable .npz activation file") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UserError(f"{path}: a single array, not an .npz activation file")
+    with data:
+        acts = {k: data[k] for k in data.files}
     if "output" not in acts or "input0" not in acts:
         raise UserError(f"{path}: no 'input0'/'output' arrays; not an activation file")
     return acts

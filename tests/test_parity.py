@@ -65,3 +65,31 @@ def test_cli_rejects_a_tolerance_that_is_not_a_finite_bound(tolerance, tmp_path,
         parity.main(argv)
     assert exit_info.value.code == 2
     assert f"must be a finite number >= 0, got {tolerance}" in capsys.readouterr().err
+
+
+def test_cli_rejects_activation_files_of_the_wrong_kind(reference, tmp_path, capsys):
+    """A single array, a missing input, an input of the wrong width: one error each."""
+    acts = parity.read_activations(reference / CASES[1][0])
+    single = tmp_path / "single.npy"
+    np.save(single, acts["output"])
+    without_input1 = {k: v for k, v in acts.items() if k != "input1"}
+    narrow = {**acts, "input0": acts["input0"][..., :2]}
+    cases = [(single, "a single array")]
+    for name, arrays, message in (
+        (
+            "without_input1.npz",
+            without_input1,
+            "input1 should be (B, H, W, 3) for this model, got none",
+        ),
+        (
+            "narrow.npz",
+            narrow,
+            f"input0 should be (B, H, W, 3) for this model, got shape {narrow['input0'].shape}",
+        ),
+    ):
+        np.savez(tmp_path / name, **arrays)
+        cases.append((tmp_path / name, message))
+    weights = str(reference / MFF_WEIGHTS)
+    for path, message in cases:
+        assert parity.main([str(path), "--variant", "mff", "--weights", weights]) == 2
+        assert message in capsys.readouterr().err
