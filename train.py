@@ -38,7 +38,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mgdn_jax import train_lib
-from mgdn_jax.errors import EXIT_USAGE, UserError, config_error
+from mgdn_jax.errors import EXIT_USAGE, config_error, run_cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -63,7 +63,7 @@ def check_train_extra() -> None:
         sys.exit(f"error: train.py needs {', '.join(missing)}: pip install -e '.[train]'")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     check_train_extra()
@@ -78,19 +78,19 @@ def main(argv: list[str]) -> None:
         jax.device_count(),
         jax.devices(),
     )
-    try:
-        config = _CONFIG.value
-    except Exception as e:  # config_flags raises a config file's load error on first access
-        print(f"error: {config_error(e)}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    try:
+
+    def train() -> None:
+        try:
+            config = _CONFIG.value
+        except Exception as e:  # config_flags raises a config file's load error on first access
+            raise config_error(e) from e
         train_lib.train_and_evaluate(config, _WORKDIR.value)
+
+    try:
+        return run_cli(train)
     except train_lib.NonFiniteLossError as e:
         logging.error("%s", e)
-        sys.exit(1)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        return 1
 
 
 def parse_flags(argv: list[str]) -> list[str]:
