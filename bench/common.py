@@ -490,3 +490,85 @@ def report_final(
     text = markdown(payload)
     print(text)
     write_results(out, name, payload, text)
+
+
+# ----------------------------------------------------------------------------- formulations
+
+
+# The columns of a `default_vs_best` table.
+SUMMARY_COLUMNS = [
+    Column("mode", "pass"),
+    Column("width", "C"),
+    Column("size", "size"),
+    Column("default", "default"),
+    Column("default_ms", "default ms", "{:.2f}"),
+    Column("best_other", "best other"),
+    Column("best_other_ms", "its ms", "{:.2f}"),
+    Column("slowdown_pct", "default slower by %", "{:+.1f}"),
+]
+
+
+def default_vs_best(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (mode, width, size) of rows {"mode", "width", "size", "formulation", "default",
+    "median_s"}: the default's time (the row marked "default"), the fastest other formulation
+    and how much slower the default is (percent; negative = faster)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("median_s"):
+            groups.setdefault((row["mode"], row["width"], row["size"]), []).append(row)
+    out = []
+    for (mode, width, size), group in groups.items():
+        mine = [r for r in group if r["default"]]
+        others = [r for r in group if not r["default"]]
+        if not mine or not others:
+            continue
+        best = min(others, key=lambda r: r["median_s"])
+        out.append(
+            {
+                "mode": mode,
+                "width": width,
+                "size": size,
+                "default": mine[0]["formulation"],
+                "default_ms": mine[0]["median_s"] * 1e3,
+                "best_other": best["formulation"],
+                "best_other_ms": best["median_s"] * 1e3,
+                "slowdown_pct": 100 * (mine[0]["median_s"] / best["median_s"] - 1),
+            }
+        )
+    return out
+
+
+def report_formulations(
+    group: Sequence[dict[str, Any]],
+    timings: dict[str, Timing],
+    modes: Sequence[str],
+    payload: dict[str, Any],
+    columns: Sequence[Column],
+    opts: argparse.Namespace,
+    markdown: Callable[[dict[str, Any]], str],
+) -> None:
+    """Completes and reports the rows of one configuration, one per formulation ({"mode",
+    "width", "size", "formulation", "default", ...}): those in `timings` get median_s, times,
+    median_ms and status "ok" (the others keep their status), every row a label ("name
+    (default)" for the default). They join payload["rows"], kept sorted by (mode as ordered in
+    `modes`, width, size), and payload["summary"] follows (`default_vs_best`)."""
+    rows = payload["rows"]
+    for row in group:
+        timing = timings.get(row["formulation"])
+        if timing is not None:
+            row.update(median_s=timing.median, times=list(timing.times), status="ok")
+            row["median_ms"] = timing.median * 1e3
+        row["label"] = row["formulation"] + (" (default)" if row["default"] else "")
+        rows.append(row)
+        rows.sort(key=lambda r: (modes.index(r["mode"]), r["width"], r["size"]))
+        payload["summary"] = default_vs_best(rows)
+        report_row(row, columns, opts.out, opts.name, payload, markdown)
+
+
+def verdict(summary: Sequence[dict[str, Any]]) -> str:
+    """'worst: +X %; within 10 %: yes|no' over the rows of `default_vs_best`."""
+    slowdowns = [s["slowdown_pct"] for s in summary]
+    if not slowdowns:
+        return "nothing to compare yet"
+    worst = max(slowdowns)
+    return f"worst: {worst:+.1f} %; within 10 %: {'yes' if worst <= 10 else 'no'}"

@@ -49,16 +49,6 @@ COLUMNS = [
     common.Column("compile_s", "compile s", "{:.1f}"),
     common.Column("status", "status"),
 ]
-SUMMARY_COLUMNS = [
-    common.Column("mode", "pass"),
-    common.Column("width", "C"),
-    common.Column("size", "size"),
-    common.Column("default", "default"),
-    common.Column("default_ms", "default ms", "{:.2f}"),
-    common.Column("best_other", "best other"),
-    common.Column("best_other_ms", "its ms", "{:.2f}"),
-    common.Column("slowdown_pct", "default slower by %", "{:+.1f}"),
-]
 
 
 def filter_flops(batch: int, size: int, width: int, kernel_size: int, mode: str) -> float:
@@ -118,44 +108,9 @@ def _key(row: dict[str, Any]) -> tuple:
     return row["formulation"], row["mode"], row["width"]
 
 
-def summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (mode, width, size): the default's time (the row marked "default"), the fastest
-    other formulation and how much slower the default is (percent; negative = faster)."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for row in rows:
-        if row.get("median_s"):
-            groups.setdefault((row["mode"], row["width"], row["size"]), []).append(row)
-    out = []
-    for (mode, width, size), group in groups.items():
-        mine = [r for r in group if r["default"]]
-        others = [r for r in group if not r["default"]]
-        if not mine or not others:
-            continue
-        best = min(others, key=lambda r: r["median_s"])
-        out.append(
-            {
-                "mode": mode,
-                "width": width,
-                "size": size,
-                "default": mine[0]["formulation"],
-                "default_ms": mine[0]["median_s"] * 1e3,
-                "best_other": best["formulation"],
-                "best_other_ms": best["median_s"] * 1e3,
-                "slowdown_pct": 100 * (mine[0]["median_s"] / best["median_s"] - 1),
-            }
-        )
-    return out
-
-
 def markdown(payload: dict[str, Any]) -> str:
     """The results tables as Markdown."""
     settings = payload["settings"]
-    slowdowns = [s["slowdown_pct"] for s in payload["summary"]]
-    verdict = (
-        f"worst: {max(slowdowns):+.1f} %; within 10 %: {'yes' if max(slowdowns) <= 10 else 'no'}"
-        if slowdowns
-        else "nothing to compare yet"
-    )
     return "\n\n".join(
         [
             "### Per-pixel dynamic filter",
@@ -169,8 +124,8 @@ def markdown(payload: dict[str, Any]) -> str:
             common.markdown_table(payload["rows"], COLUMNS),
             f"The default on {payload['machine']['backend']} (`default_formulation`, by"
             " platform and size) against the fastest other formulation measured"
-            f" ({verdict}):",
-            common.markdown_table(payload["summary"], SUMMARY_COLUMNS),
+            f" ({common.verdict(payload['summary'])}):",
+            common.markdown_table(payload["summary"], common.SUMMARY_COLUMNS),
         ]
     )
 
@@ -223,19 +178,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     programs[name] = functools.partial(compiled, *args)
             group.append(row)
         timings = common.timeit_interleaved(programs, opts.repeats, max_seconds=opts.max_seconds)
+        flops = filter_flops(opts.batch, size, width, opts.kernel_size, mode)
         for row in group:
-            name = row["formulation"]
-            if name in timings:
-                timing = timings[name]
-                flops = filter_flops(opts.batch, size, width, opts.kernel_size, mode)
-                row.update(median_s=timing.median, times=list(timing.times), status="ok")
-                row["median_ms"] = timing.median * 1e3
-                row["gflops"] = flops / timing.median / 1e9
-            row["label"] = f"{name} (default)" if name == default else name
-            rows.append(row)
-            rows.sort(key=lambda r: (MODES.index(r["mode"]), r["width"], r["size"]))
-            payload["summary"] = summary(rows)
-            common.report_row(row, COLUMNS, opts.out, opts.name, payload, markdown)
+            if row["formulation"] in timings:
+                row["gflops"] = flops / timings[row["formulation"]].median / 1e9
+        common.report_formulations(group, timings, MODES, payload, COLUMNS, opts, markdown)
     common.report_final(opts.out, opts.name, payload, markdown)
     return payload
 

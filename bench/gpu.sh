@@ -3,10 +3,11 @@
 #
 #     bench/gpu.sh [OUT_DIR]        (default bench/results/gpu-<date>)
 #
-# Writes filter, model_hdr, train_step_mff, model and train_step .md / .json, and all the
+# Writes filter, model_hdr, train_step_mff, nmi, model and train_step .md / .json, and all the
 # tables in tables.md, to OUT_DIR. Each run has a time budget (--budget-s, enforced again by
 # `timeout`); configurations that do not fit are listed as "skipped (time budget)". The
-# inference and training grids run only when GPU_BENCH_MINUTES leaves time for them.
+# NMI loss and the inference and training grids run only when GPU_BENCH_MINUTES leaves time
+# for them.
 # Needs JAX with CUDA (jax[cuda12] or jax[cuda13]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,10 +38,12 @@ mkdir -p "$out"
 # program took 1-5 s to compile and run, one HDR configuration 30-45 s and one MFF step
 # configuration 60-100 s (a 57 s budget had measured no training step at all): in the default 5
 # minutes, the filter, HDR in both dtypes and the MFF step in float32 (bfloat16 too where
-# compiling is quicker). The inference and training grids share whatever GPU_BENCH_MINUTES
-# leaves beyond these 4.9 minutes: GPU_BENCH_MINUTES=12 measures about everything.
+# compiling is quicker). The NMI loss's two joint-count formulations (`dense`, the default off
+# CPU, and `scattered`; never measured on a GPU before) and the inference and training grids
+# share whatever GPU_BENCH_MINUTES leaves beyond these 4.9 minutes: GPU_BENCH_MINUTES=12
+# measures about everything.
 slack=10  # per run: `timeout`'s margin over --budget-s
-hdr_s=85 step_s=130 filter_s=50
+hdr_s=85 step_s=130 filter_s=50 nmi_s=40
 grids=$((minutes * 60 - hdr_s - step_s - filter_s - 3 * slack))
 
 run() {  # run BUDGET_S SCRIPT ARGS...: one benchmark, stopped after BUDGET_S + slack s at most
@@ -61,16 +64,18 @@ run $hdr_s bench/model.py --variants hdr --sizes --hdr-sizes 1000x1500 "${both[@
     --repeats 5 --name model_hdr
 run $step_s bench/train_step.py --variants mff "${both[@]}" --nmi on --remat off \
     --repeats 5 --name train_step_mff
-if ((grids > 2 * slack)); then
-    run $((grids * 55 / 100 - slack)) bench/model.py --sizes 256 520 1024 --hdr-sizes \
+if ((grids > nmi_s + 3 * slack)); then
+    run $nmi_s bench/nmi.py --sizes 128 256 --widths 30 60 --repeats 20
+    rest=$((grids - nmi_s - slack))
+    run $((rest * 55 / 100 - slack)) bench/model.py --sizes 256 520 1024 --hdr-sizes \
         "${both[@]}" --repeats 5
-    run $((grids * 45 / 100 - slack)) bench/train_step.py "${both[@]}" --nmi on off \
+    run $((rest * 45 / 100 - slack)) bench/train_step.py "${both[@]}" --nmi on off \
         --remat off on --repeats 5
 else
-    echo "== inference and training grids: no time left (GPU_BENCH_MINUTES=$minutes)"
+    echo "== NMI loss, inference and training grids: no time left (GPU_BENCH_MINUTES=$minutes)"
 fi
 
-for name in filter model_hdr train_step_mff model train_step; do
+for name in filter model_hdr train_step_mff nmi model train_step; do
     if [[ -f "$out/$name.md" ]]; then
         cat "$out/$name.md"
         echo

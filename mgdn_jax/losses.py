@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -223,46 +224,138 @@ def _entropy(p: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return -jnp.sum(p * jnp.log(p + ENTROPY_EPS), axis=axes)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _soft_joint(
+def _dense_joint(
     u1: jax.Array, u2: jax.Array, weight: jax.Array, bins: int, bandwidth: float
 ) -> jax.Array:
-    """(B, N) values in (0, 1) of two maps, (B, N) pixel weights -> (B, bins, bins) weighted
-    soft joint counts sum_n weight_n a_nk b_nl (a, b the `_soft_bins` memberships).
-
-    Forward: the dense memberships and one matmul. Backward: each membership has only 2 r + 1
-    non-zeros, so d count / d a_nk is needed at those centres only, sum_l G_kl b_nl over the
-    2 r + 1 non-zero b_nl: (2 r + 1)^2 gathers from the (bins, bins) cotangent G per pixel, not
-    the two dense (B, N, bins) x (bins, bins) matmuls and membership scatters that
-    differentiating the forward costs.
-    """
+    """`_soft_joint`'s counts from the dense (B, N, bins) memberships and one matmul."""
     p1 = _soft_bins(u1, bins, bandwidth, weight)
     p2 = _soft_bins(u2, bins, bandwidth, jnp.ones_like(u2))
     return jnp.einsum("bnk,bnl->bkl", p1, p2, precision=HIGHEST)
 
 
-def _soft_joint_fwd(
+def _shift_planes(planes: jax.Array, sign: int) -> jax.Array:
+    """(B, bins, bins, T, T) planes, T = 2 r + 1 -> (B, bins, bins, T, T): plane (x, y) moved
+    by sign * (x - r, y - r) over the (bins, bins) grid, zero where it leaves the grid."""
+    _, bins, _, taps, _ = planes.shape
+    r = taps // 2
+    padded = jnp.pad(planes, ((0, 0), (r, r), (r, r), (0, 0), (0, 0)))
+
+    def moved(x: int, y: int) -> jax.Array:
+        top, left = r - sign * (x - r), r - sign * (y - r)
+        return padded[:, top : top + bins, left : left + bins, x, y]
+
+    rows = [jnp.stack([moved(x, y) for y in range(taps)], axis=-1) for x in range(taps)]
+    return jnp.stack(rows, axis=-2)
+
+
+def _nearest_pair(i1: list, i2: list, bins: int) -> jax.Array:
+    """(B, N) flat index (b, nearest centre of map 1, nearest centre of map 2) into
+    (B * bins * bins) from the `_taps` centre lists."""
+    r = len(i1) // 2
+    rows = jnp.arange(i1[r].shape[0], dtype=jnp.int32)[:, None] * bins
+    return (rows + i1[r]) * bins + i2[r]
+
+
+def _scattered_joint(
     u1: jax.Array, u2: jax.Array, weight: jax.Array, bins: int, bandwidth: float
+) -> jax.Array:
+    """`_soft_joint`'s counts from the sparse memberships: the T x T (T = 2 r + 1) products of
+    the two pixels' `_taps` weights, summed per pair of nearest centres (one segment sum of
+    T^2-vectors into (B, bins, bins, T, T)), then each plane moved to its offset and added."""
+    i1, a = _taps(u1, bins, bandwidth, weight)
+    i2, b = _taps(u2, bins, bandwidth, jnp.ones_like(u2))
+    batch, n = u1.shape
+    taps = len(a)
+    products = jnp.stack([x * y for x in a for y in b], axis=-1)
+    planes = jax.ops.segment_sum(
+        products.reshape(batch * n, taps * taps),
+        _nearest_pair(i1, i2, bins).reshape(-1),
+        num_segments=batch * bins * bins,
+    )
+    planes = planes.reshape(batch, bins, bins, taps, taps)
+    return jnp.sum(_shift_planes(planes, 1), axis=(3, 4))
+
+
+# How `_soft_joint` counts in its forward pass: (B, N) u1, u2, weight, bins, bandwidth ->
+# (B, bins, bins).
+JOINT_COUNTS: dict[str, Callable[..., jax.Array]] = {
+    "dense": _dense_joint,
+    "scattered": _scattered_joint,
+}
+# Per lowering platform (`jax.lax.platform_dependent`'s names), the `JOINT_COUNTS` key the loss
+# runs; other platforms run "dense", whose matmul suits GPUs and TPUs (scatters are slow on
+# TPU). On CPU, building the dense memberships costs more than the matmul that uses them: the
+# segment sum is 2.6x faster (bench/nmi.py, README).
+_JOINT_COUNTS_ON = {"cpu": "scattered"}
+
+
+def default_joint_counts(platform: str) -> str:
+    """The `JOINT_COUNTS` key the NMI loss runs when lowered for `platform` ("cpu", "cuda",
+    "rocm", "tpu")."""
+    return _JOINT_COUNTS_ON.get(platform, "dense")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _soft_joint(
+    u1: jax.Array,
+    u2: jax.Array,
+    weight: jax.Array,
+    bins: int,
+    bandwidth: float,
+    counts: str | None = None,
+) -> jax.Array:
+    """(B, N) values in (0, 1) of two maps, (B, N) pixel weights -> (B, bins, bins) weighted
+    soft joint counts sum_n weight_n a_nk b_nl (a, b the `_soft_bins` memberships).
+
+    Forward: `JOINT_COUNTS[counts]`; None: `default_joint_counts` of the platform the program is
+    lowered for (all are traced; `jax.lax.platform_dependent` compiles that platform's).
+
+    Backward: each membership has only T = 2 r + 1 non-zeros, so d count / d a_nk is needed at
+    those centres only, sum_l G_kl b_nl over the T non-zero b_nl. The T x T values of the
+    cotangent G a pixel needs sit at fixed offsets from its pair of nearest centres, so they are
+    one gather of a T^2-vector per pixel from G laid out as (bins, bins, T, T) planes, not the
+    two dense (B, N, bins) x (bins, bins) matmuls and membership scatters that differentiating
+    the forward costs.
+    """
+
+    def formulation(name: str) -> Callable[..., jax.Array]:
+        return functools.partial(JOINT_COUNTS[name], bins=bins, bandwidth=bandwidth)
+
+    if counts is not None:
+        return formulation(counts)(u1, u2, weight)
+    per_platform = {p: formulation(default_joint_counts(p)) for p in _JOINT_COUNTS_ON}
+    return jax.lax.platform_dependent(
+        u1, u2, weight, default=formulation(default_joint_counts("default")), **per_platform
+    )
+
+
+def _soft_joint_fwd(
+    u1: jax.Array,
+    u2: jax.Array,
+    weight: jax.Array,
+    bins: int,
+    bandwidth: float,
+    counts: str | None,
 ) -> tuple[jax.Array, tuple]:
-    return _soft_joint(u1, u2, weight, bins, bandwidth), (u1, u2, weight)
+    return _soft_joint(u1, u2, weight, bins, bandwidth, counts), (u1, u2, weight)
 
 
-def _soft_joint_bwd(bins: int, bandwidth: float, residuals: tuple, g: jax.Array) -> tuple:
+def _soft_joint_bwd(
+    bins: int, bandwidth: float, counts: str | None, residuals: tuple, g: jax.Array
+) -> tuple:
     u1, u2, weight = recomputed(g, *residuals)
     (i1, a), pull1 = jax.vjp(lambda u, s: _taps(u, bins, bandwidth, s), u1, weight)
     (i2, b), pull2 = jax.vjp(lambda u: _taps(u, bins, bandwidth, jnp.ones_like(u)), u2)
-    rows = jnp.arange(g.shape[0], dtype=jnp.int32)[:, None] * (bins * bins)
-    flat = g.reshape(-1)
-    da = [jnp.zeros_like(u1)] * len(a)
-    db = [jnp.zeros_like(u2)] * len(b)
-    for k, (ik, ak) in enumerate(zip(i1, a)):
-        for m, (im, bm) in enumerate(zip(i2, b)):
-            gkm = jnp.take(flat, rows + ik * bins + im, mode="clip")
-            da[k] = da[k] + gkm * bm
-            db[m] = db[m] + gkm * ak
+    taps = len(a)
+    table = _shift_planes(jnp.broadcast_to(g[..., None, None], (*g.shape, taps, taps)), -1)
+    local = jnp.take(
+        table.reshape(-1, taps, taps), _nearest_pair(i1, i2, bins), axis=0, mode="clip"
+    )
+    da = jnp.einsum("bnkm,mbn->kbn", local, jnp.stack(b), precision=HIGHEST)
+    db = jnp.einsum("bnkm,kbn->mbn", local, jnp.stack(a), precision=HIGHEST)
     zero = [np.zeros(i.shape, jax.dtypes.float0) for i in i1]
-    du1, dweight = pull1((zero, da))
-    (du2,) = pull2((zero, db))
+    du1, dweight = pull1((zero, list(da)))
+    (du2,) = pull2((zero, list(db)))
     return du1, du2, dweight
 
 
@@ -270,19 +363,29 @@ _soft_joint.defvjp(_soft_joint_fwd, _soft_joint_bwd)
 
 
 def _joint_histograms(
-    u1: jax.Array, u2: jax.Array, weight: jax.Array, bins: int, bandwidth: float
+    u1: jax.Array,
+    u2: jax.Array,
+    weight: jax.Array,
+    bins: int,
+    bandwidth: float,
+    counts: str | None,
 ) -> jax.Array:
     """(C, B, N) values in (0, 1) of two maps, (B, N) pixel weights -> (B, C, bins, bins)
     weighted soft joint counts (`_soft_joint`), one channel at a time so that only one
-    channel's (B, N, bins) memberships exist at once; the batch axis (which a data-parallel
-    mesh splits) stays a plain array axis."""
+    channel's per-pixel memberships exist at once; the batch axis (which a data-parallel mesh
+    splits) stays a plain array axis."""
     return jax.lax.map(
-        lambda args: _soft_joint(*args, weight, bins, bandwidth), (u1, u2)
+        lambda args: _soft_joint(*args, weight, bins, bandwidth, counts), (u1, u2)
     ).transpose(1, 0, 2, 3)
 
 
 def _masked_nmi(
-    f1: jax.Array, f2: jax.Array, weight: jax.Array, bins: int, bandwidth: float
+    f1: jax.Array,
+    f2: jax.Array,
+    weight: jax.Array,
+    bins: int,
+    bandwidth: float,
+    counts: str | None,
 ) -> jax.Array:
     b, h, w, c = f1.shape
     m = weight.reshape(b, h * w)
@@ -290,7 +393,7 @@ def _masked_nmi(
     def channels(f: jax.Array) -> jax.Array:  # (B, H, W, C) -> (C, B, H * W) squashed values
         return _squash(f.reshape(b, h * w, c), m).transpose(2, 0, 1)
 
-    joint = _joint_histograms(channels(f1), channels(f2), m, bins, bandwidth)
+    joint = _joint_histograms(channels(f1), channels(f2), m, bins, bandwidth, counts)
     total = jnp.sum(m, axis=1)
     joint = joint / jnp.maximum(total, 1.0)[:, None, None, None]
     h1 = _entropy(jnp.sum(joint, axis=3), (2,))
@@ -300,9 +403,14 @@ def _masked_nmi(
     return jnp.where(total > 0, jnp.mean(nmi, axis=1), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("bins", "bandwidth"))
+@functools.partial(jax.jit, static_argnames=("bins", "bandwidth", "counts"))
 def masked_nmi(
-    f1: jax.Array, f2: jax.Array, weight: jax.Array, bins: int = 32, bandwidth: float = 0.25 / 32
+    f1: jax.Array,
+    f2: jax.Array,
+    weight: jax.Array,
+    bins: int = 32,
+    bandwidth: float = 0.25 / 32,
+    counts: str | None = None,
 ) -> jax.Array:
     """Differentiable normalised mutual information of two feature maps over weighted pixels.
 
@@ -321,11 +429,16 @@ def masked_nmi(
     The kernel blurs the joint histogram, so identical (or affinely related) maps score below 1:
     about 0.87 at the default 32 bins / quarter-bin bandwidth, tending to 1 as the bandwidth
     shrinks. Independent maps score above 0 by the finite-sample bias: about 0.03 with 4096
-    counted pixels, 0.3 with 256. The dense memberships ((B, H W, bins) per channel and map)
-    exist one channel at a time in the forward pass and not at all in the backward pass
+    counted pixels, 0.3 with 256.
+
+    counts: how step 3 is computed, a `JOINT_COUNTS` key (same values up to float rounding);
+    None, the platform's fastest (`default_joint_counts`). Either way it runs one channel at a
+    time, and the backward pass never forms the dense (B, H W, bins) memberships
     (`_soft_joint`).
     """
-    return _masked_nmi(f1, f2, weight, bins, bandwidth)
+    if counts is not None and counts not in JOINT_COUNTS:
+        raise ValueError(f"counts must be one of {sorted(JOINT_COUNTS)} or None, got {counts!r}")
+    return _masked_nmi(f1, f2, weight, bins, bandwidth, counts)
 
 
 def nmi_loss(

@@ -21,6 +21,7 @@ from mgdn_jax.dynamic_filter import (
     dynamic_filter,
     dynamic_filter_unfold,
 )
+from mgdn_jax.losses import JOINT_COUNTS, default_joint_counts
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -136,6 +137,31 @@ def test_filter_bench(bench, tmp_path):
         [*args, "--formulations", "unfold", "--modes", "forward", "--max-gb", "0"]
     )
     assert [r["status"] for r in skipped["rows"]] == ["skipped (memory)"]
+
+
+def test_nmi_bench(bench, tmp_path):
+    nmi_bench = bench("nmi")
+    args = ["--sizes", "8", "--widths", "2", "--batch", "1", "--bins", "8", "--repeats", "1"]
+    nmi_bench.main([*args, "--out", str(tmp_path)])
+    payload = read_json(tmp_path / "nmi.json")
+    rows = payload["rows"]
+    assert {(r["mode"], r["formulation"]) for r in rows} == {
+        (mode, name) for mode in ("forward", "backward") for name in JOINT_COUNTS
+    }
+    for row in rows:
+        assert row["status"] == "ok"
+        positive(row, "median_s", "compile_s")
+        assert row["default"] == (row["formulation"] == default_joint_counts("cpu"))
+    assert [(s["mode"], s["default"]) for s in payload["summary"]] == [
+        ("forward", "scattered"),
+        ("backward", "scattered"),
+    ]
+    for s in payload["summary"]:
+        assert s["best_other"] == "dense"
+        assert s["slowdown_pct"] == pytest.approx(100 * (s["default_ms"] / s["best_other_ms"] - 1))
+    spent = nmi_bench.main([*args, "--modes", "forward", "--budget-s", "0"])
+    assert {r["status"] for r in spent["rows"]} == {"skipped (time budget)"}
+    assert spent["summary"] == []
 
 
 def test_filter_time_prediction(bench):

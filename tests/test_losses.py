@@ -149,8 +149,9 @@ def test_soft_bins_match_the_full_gaussian_kernel(bandwidth):
 
 @pytest.mark.parametrize("bandwidth", [BANDWIDTH, 1.5 / BINS])
 def test_soft_joint_gradients_match_autodiff_of_dense_memberships(bandwidth):
-    """The joint histogram's written-out backward pass (gathers at the non-zero memberships)
-    equals autodiff of the dense definition, in float64, for values at and near both ends."""
+    """The joint histogram's forward formulations (dense matmul, segment sum) and its written-out
+    backward pass (gathers at the non-zero memberships) equal the dense definition and its
+    autodiff, in float64, for values at and near both ends."""
     ends = np.array([0.0, 1e-4, 0.2 / BINS, 1.0 - 0.2 / BINS, 1.0 - 1e-4, 1.0])
     rng = np.random.default_rng(15)
     with jax.enable_x64(True):
@@ -169,7 +170,10 @@ def test_soft_joint_gradients_match_autodiff_of_dense_memberships(bandwidth):
 
         for f in (dense, written):
             assert f(u1, u2, weight).dtype == jnp.float64
-        np.testing.assert_allclose(written(u1, u2, weight), dense(u1, u2, weight), atol=1e-12)
+        # Both platforms' forward formulations, whichever this one runs.
+        for counts in (losses._dense_joint, losses._scattered_joint):
+            got = counts(u1, u2, weight, BINS, bandwidth)
+            np.testing.assert_allclose(got, dense(u1, u2, weight), atol=1e-12)
         grads = [
             jax.grad(lambda *x, f=f: jnp.sum(f(*x) * probe), argnums=(0, 1, 2))(u1, u2, weight)
             for f in (dense, written)
@@ -178,12 +182,13 @@ def test_soft_joint_gradients_match_autodiff_of_dense_memberships(bandwidth):
             np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("counts", sorted(losses.JOINT_COUNTS))
 @pytest.mark.parametrize("bandwidth", [BANDWIDTH, 1.5 / BINS])
-def test_nmi_matches_numpy_soft_histogram(bandwidth):
+def test_nmi_matches_numpy_soft_histogram(bandwidth, counts):
     a, b = _normal(6, (1, 12, 10, 2)), _normal(7, (1, 12, 10, 2))
     b = 0.6 * a + b
     w = (_uniform(8, (1, 12, 10)) > 0.3).astype(jnp.float32)
-    got = float(losses.masked_nmi(a, b, w, BINS, bandwidth)[0])
+    got = float(losses.masked_nmi(a, b, w, BINS, bandwidth, counts)[0])
 
     m = np.asarray(w, np.float64).reshape(-1)
     centres = (np.arange(BINS) + 0.5) / BINS
@@ -202,6 +207,24 @@ def test_nmi_matches_numpy_soft_histogram(bandwidth):
         h12 = _entropy64(joint)
         values.append(2 * (h1 + h2 - h12) / (h1 + h2 + 1e-10))
     assert got == pytest.approx(np.mean(values), abs=2e-5)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "rocm", "tpu"])
+def test_nmi_counts_by_platform(platform):
+    """`masked_nmi` exported for `platform` (no such device needed) counts with the segment sum
+    (the only scatter) exactly where `default_joint_counts` names it: on CPU only."""
+    f = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    w = jax.ShapeDtypeStruct((2, 8, 8), jnp.float32)
+    program = jax.export.export(losses.masked_nmi, platforms=(platform,))(f, f, w).mlir_module()
+    name = losses.default_joint_counts(platform)
+    assert ("scatter" in program) == (name == "scattered")
+    assert name == ("scattered" if platform == "cpu" else "dense")
+
+
+def test_nmi_counts_must_be_known():
+    f, w = _normal(0, (1, 4, 4, 1)), jnp.ones((1, 4, 4))
+    with pytest.raises(ValueError, match="counts must be one of.*'sparse'"):
+        losses.masked_nmi(f, f, w, counts="sparse")
 
 
 def test_descending_nmi_makes_features_less_redundant():
