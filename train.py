@@ -40,11 +40,22 @@ from ml_collections import config_flags
 from mgdn_jax import train_lib
 from mgdn_jax.errors import EXIT_USAGE, config_error, run_cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    str(Path(__file__).resolve().parent / "configs" / "synthetic_mff.py"),
-    "Training config: configs/<task>.py[:arg].",
-)
+
+def _exit_config_error(e: Exception) -> None:
+    """Reports what ml_collections raised for `--config` as one `error: ...` line, exit 2."""
+    print(f"error: {config_error(e)}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+try:
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config",
+        str(Path(__file__).resolve().parent / "configs" / "synthetic_mff.py"),
+        "Training config: configs/<task>.py[:arg].",
+    )
+except Exception as e:  # without --config, the overrides in sys.argv apply to the default now
+    _exit_config_error(e)
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, export).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
@@ -101,8 +112,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error:
         raise
     except Exception as e:  # config_flags passes on whatever loading the config file raised
-        print(f"error: {config_error(e)}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        _exit_config_error(e)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -31,3 +33,16 @@ def config_error(e: Exception) -> UserError:
     if isinstance(e, (AttributeError, KeyError)) and field:
         return UserError(f"unknown config field '{field[1]}' in a --config override")
     return UserError(f"--config: {lines[-1] if lines else type(e).__name__}")
+
+
+def make_directory(path: str | Path) -> Path:
+    """`path` made absolute and, with its parents, made if missing; a one-line `UserError` when
+    it cannot be made (a file in the way, a missing permission) or written to."""
+    path = Path(path).absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create ({e.strerror or e})") from e
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{path}: not writable")
+    return path

@@ -37,7 +37,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mgdn_jax import image_io, input_pipeline, metrics, runtime
-from mgdn_jax.errors import UserError, config_error, run_cli
+from mgdn_jax.errors import UserError, config_error, make_directory, run_cli
 from mgdn_jax.inference import (
     OFFICIAL_HDR_BLOCK,
     OFFICIAL_MULTIPLE,
@@ -350,6 +350,7 @@ def check_eval_config(config: ml_collections.ConfigDict) -> Path:
     weights = Path(config.weights)
     if not weights.exists():
         raise UserError(f"{weights}: no such file or directory")
+    input_pipeline.check_loader_config(config.data)
     if config.eval.pad not in PAD_MODES:
         raise UserError(f"unknown eval.pad {config.eval.pad!r}; expected one of {PAD_MODES}")
     name = config.eval.dataset
@@ -394,11 +395,7 @@ def run_eval(argv: list[str], progress: Callable[[Iterable], Iterable]) -> None:
     config, workdir = _parse(argv)
     weights = check_eval_config(config)
     model = load_weights(weights, config.model.variant)
-    directory = results_dir(workdir, config)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{directory}: cannot create ({e.strerror})") from e
+    directory = make_directory(results_dir(workdir, config))
     result = evaluate(
         model,
         config,

@@ -40,6 +40,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from mgdn_jax.errors import UserError
 from mgdn_jax.resize import bicubic_matrix
 from mgdn_jax.variants import gdsr_normalised_depth, gdsr_rgb
 
@@ -217,6 +218,15 @@ def _allow_worker_processes() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def check_loader_config(data: ml_collections.ConfigDict) -> None:
+    """A one-line `UserError` unless `data.num_workers`, `read_threads` and `prefetch_buffer`
+    are integers >= 0 (grain's own errors for them are tracebacks from inside its loader)."""
+    for field in ("num_workers", "read_threads", "prefetch_buffer"):
+        value = data[field]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise UserError(f"data.{field} must be an integer >= 0, got {value!r}")
+
+
 def _read_options(data: ml_collections.ConfigDict) -> grain.ReadOptions:
     return grain.ReadOptions(
         num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer
@@ -229,7 +239,7 @@ def _preprocess(data: ml_collections.ConfigDict, source: Any) -> _Preprocess:
     )
     for task, field in ((HDR, "gamma"), (GDSR, "scale")):
         if preprocess.task == task and getattr(preprocess, field) is None:
-            raise ValueError(f"config.data.{field} is required for {task} datasets")
+            raise UserError(f"config.data.{field} is required for {task} datasets")
     return preprocess
 
 
@@ -244,14 +254,14 @@ def create_train_loader(
     data = config.data
     shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
     if data.global_batch % shard_options.shard_count:
-        raise ValueError(
+        raise UserError(
             f"global_batch {data.global_batch} is not divisible by "
             f"{shard_options.shard_count} processes"
         )
     source = load_source(data.train_dataset, data.train_split, data.data_dir)
     preprocess = _preprocess(data, source)
     if preprocess.task == GDSR and data.patch_size % preprocess.scale:
-        raise ValueError(f"patch_size {data.patch_size} is not a multiple of scale {data.scale}")
+        raise UserError(f"patch_size {data.patch_size} is not a multiple of scale {data.scale}")
     sampler = grain.samplers.IndexSampler(
         len(source), shard_options=shard_options, shuffle=True, num_epochs=None, seed=data.seed
     )

@@ -37,7 +37,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mgdn_jax import checkpoint, evaluate, input_pipeline, runtime
-from mgdn_jax.errors import UserError
+from mgdn_jax.errors import UserError, make_directory
 from mgdn_jax.losses import default_loss_config, task_loss
 from mgdn_jax.model import build_model
 
@@ -512,7 +512,8 @@ def _compile_on_all_processes(
 
 def check_train_config(config: ml_collections.ConfigDict) -> None:
     """One-line `UserError`s for values training cannot run with: the compute dtype, the patch
-    size and batch, an unknown or unbuilt training dataset."""
+    size and batch, the loader's worker / thread / buffer counts, an unknown or unbuilt
+    training dataset."""
     if config.compute_dtype not in COMPUTE_DTYPES:
         known = ", ".join(COMPUTE_DTYPES)
         raise UserError(f"compute_dtype {config.compute_dtype!r}: expected one of {known}")
@@ -520,16 +521,17 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
         value = config.data[field]
         if not isinstance(value, int) or value <= 0:
             raise UserError(f"data.{field} must be a positive integer, got {value!r}")
+    input_pipeline.check_loader_config(config.data)
     evaluate.check_dataset(config.data.train_dataset, config.data.data_dir)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
     """Trains (resuming from `workdir`'s latest checkpoint if any) up to `config.total_steps`,
     or until SIGTERM; returns the final state. Raises NonFiniteLossError on a NaN/inf loss, and
-    UserError, before writing anything, for a config `check_train_config` rejects."""
+    UserError, before writing anything, for a config `check_train_config` rejects or a workdir
+    that cannot be made or written to."""
     check_train_config(config)
-    workdir = Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = make_directory(workdir)
     _write_config(config, workdir)
     mesh = create_mesh(config.mesh)
     tx, schedule = create_optimizer(config.optimizer, config.total_steps)

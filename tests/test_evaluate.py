@@ -148,6 +148,7 @@ def test_cli_results_files_without_tensorflow(synthetic_tiny: Path, tiny_weights
         ({"--config.eval.dataset": "mff_lytro"}, "mff_lytro is not prepared in"),
         ({"--config.eval.split": "validation"}, "Unknown split 'validation'"),
         ({"--config.eval.pad": "zeros"}, "unknown eval.pad 'zeros'"),
+        ({"--config.data.num_workers": "-3"}, "data.num_workers must be an integer >= 0, got -3"),
         ({"--config.no_such_field": "1"}, "unknown config field 'no_such_field'"),
         ({"--config.weights": "{tmp}"}, "not a converted MGDN checkpoint"),
     ],

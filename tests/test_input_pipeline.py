@@ -20,6 +20,7 @@ from dataset_fixtures import (
 from PIL import Image
 
 from mgdn_jax import input_pipeline
+from mgdn_jax.errors import UserError
 
 # The session fixtures (data_dir, lytro, kalantari, ...) that build every dataset once.
 pytest_plugins = ["dataset_fixtures"]
@@ -164,7 +165,7 @@ def test_gdsr_train_crops(nyuv2, scale):
 
 def test_gdsr_patch_must_be_a_multiple_of_the_scale(nyuv2):
     config = config_for(nyuv2, "gdsr", patch_size=36, scale=8)
-    with pytest.raises(ValueError, match="not a multiple of scale 8"):
+    with pytest.raises(UserError, match="not a multiple of scale 8"):
         input_pipeline.create_train_loader(config)
 
 
@@ -225,7 +226,7 @@ def test_process_shards_split_an_epoch(synthetic_tiny):
 
 def test_global_batch_must_divide_among_processes(synthetic_tiny):
     shard = grain.sharding.ShardOptions(0, 3)
-    with pytest.raises(ValueError, match="not divisible by 3"):
+    with pytest.raises(UserError, match="not divisible by 3"):
         input_pipeline.create_train_loader(tiny_config(synthetic_tiny), shard_options=shard)
 
 

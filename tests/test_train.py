@@ -26,6 +26,7 @@ from flax import nnx
 
 from mgdn_jax import train_lib
 from mgdn_jax.convert import load_converted
+from mgdn_jax.errors import UserError, make_directory
 
 pytest_plugins = ["dataset_fixtures"]
 
@@ -435,19 +436,44 @@ def test_train_metrics_average_the_window():
         ({"nosuch": 3}, "error: unknown config field 'nosuch' in a --config override"),
         ({"compute_dtype": "foo"}, "error: compute_dtype 'foo': expected one of float32, bfloat16"),
         ({"file": "nope.py"}, "error: --config: [Errno 2] No such file or directory: 'nope.py'"),
+        ({"file": None, "nosuch": 3}, "error: unknown config field 'nosuch' in a --config"),
         ({"data.patch_size": 0}, "error: data.patch_size must be a positive integer, got 0"),
+        ({"data.read_threads": -1}, "error: data.read_threads must be an integer >= 0, got -1"),
         ({"data.train_dataset": "nosuch"}, "error: unknown dataset 'nosuch'; the MGDN datasets"),
     ],
 )
 def test_bad_config_is_one_error(tmp_path: Path, change: dict, message: str):
-    """A missing config file, an override of an unknown field or a bad value: one error line,
-    exit status 2, and no workdir made."""
+    """A missing config file, an override of an unknown field (also of the default config, with
+    no --config) or a bad value: one error line, exit status 2, and no workdir made."""
     workdir = tmp_path / "run"
-    config_file = change.pop("file", None)
+    config_file = change.pop("file", "")
     command = train_command(tmp_path / "data", workdir, **change)
-    if config_file is not None:
-        command = [f"--config={config_file}" if c.startswith("--config=") else c for c in command]
+    if config_file != "":
+        replaced = [] if config_file is None else [f"--config={config_file}"]
+        command = [a for c in command for a in (replaced if c.startswith("--config=") else [c])]
     result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert not workdir.exists()
+
+
+def test_unusable_workdir_is_one_error(synthetic_tiny: Path, tmp_path: Path, monkeypatch):
+    """A workdir that is a file, or cannot be written to: one error line naming it, exit
+    status 2, before anything is written."""
+    workdir = tmp_path / "run"
+    workdir.write_text("not a directory")
+    command = train_command(synthetic_tiny, workdir)
+    result = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert (
+        result.stderr.strip().splitlines()[-1] == f"error: {workdir}: cannot create (File exists)"
+    )
+    assert workdir.read_text() == "not a directory"
+
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != readonly)
+    with pytest.raises(UserError, match=f"^{readonly}: not writable$"):
+        make_directory(readonly)
+    assert make_directory(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+    assert (tmp_path / "new" / "run").is_dir()
