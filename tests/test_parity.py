@@ -10,6 +10,7 @@ from mgdn_jax import convert, parity
 
 TOLERANCE = 1e-4
 MFF_WEIGHTS = "weights/mff_62000_E.pth"
+TCA = "layers.1.MGF.TCA#1"  # a module called twice, recorded at (1, 48, 72, 30) in CASES[1]
 CASES = [
     ("activations/mff_pretrained_lytro01_64x64.npz", "mff", MFF_WEIGHTS),
     ("activations/mff_pretrained_lytro05_45x70.npz", "mff", MFF_WEIGHTS),
@@ -41,20 +42,32 @@ def test_cli_passes(reference, capsys):
     assert parity.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("| module | shape | max abs diff | mean abs diff | ok |")
-    assert "| layers.1.MGF.TCA#1 | (1, 48, 72, 30) |" in out
+    assert f"| {TCA} | (1, 48, 72, 30) |" in out
     assert "| NO |" not in out and "not mapped" not in out
 
 
-def test_cli_fails_on_perturbed_output(reference, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "name, change, row",
+    [
+        ("output", lambda a: a + np.float32(1e-2), "| output | (1, 45, 70, 3) | "),
+        (f"act/{TCA}", lambda a: a[:, :-1], f"| {TCA} | (1, 47, 72, 30) | - | - | NO: ours is"),
+    ],
+    ids=["perturbed output", "mis-shaped module"],
+)
+def test_cli_fails_on_a_changed_array(reference, tmp_path, capsys, name, change, row):
+    """A recorded array off by more than the tolerance, or of another shape than ours: its row
+    says NO, the summary names it, exit status 1."""
     acts = parity.read_activations(reference / CASES[1][0])
-    acts["output"] = acts["output"] + np.float32(1e-2)
-    perturbed = tmp_path / "perturbed.npz"
-    np.savez(perturbed, **acts)
-    argv = [str(perturbed), "--variant", "mff", "--weights", str(reference / MFF_WEIGHTS)]
+    acts[name] = change(acts[name])
+    changed = tmp_path / "changed.npz"
+    np.savez(changed, **acts)
+    argv = [str(changed), "--variant", "mff", "--weights", str(reference / MFF_WEIGHTS)]
     assert parity.main(argv) == 1
     captured = capsys.readouterr()
-    assert "| output | (1, 45, 70, 3) |" in captured.out and "| NO |" in captured.out
-    assert "FAILED: 1 beyond tolerance" in captured.err and "output" in captured.err
+    assert row in captured.out and "| NO" in captured.out
+    assert captured.out.count("| NO") == 1
+    failed = f"FAILED: 1 beyond tolerance 0.0001 or of another shape: {name.removeprefix('act/')}"
+    assert failed in captured.err
 
 
 @pytest.mark.parametrize("tolerance", ["nan", "-1", "inf"])
