@@ -39,6 +39,8 @@ from mgdn_jax.variants import VARIANTS, gdsr_normalised_depth, gdsr_rgb, model_c
 
 HDR_GAMMA = 2.2
 INPUT_COUNT = {"mff": 2, "mef": 2, "hdr": 3, "gdsr": 2, "gdsr16": 2}
+# --scale when not given: the upsampling factor each GDSR variant is released for.
+DEFAULT_SCALE = {"gdsr": 4, "gdsr16": 16}
 
 
 def _same_size(paths: list[Path], arrays: list[np.ndarray]) -> None:
@@ -63,9 +65,10 @@ def prepare(variant: str, paths: list[Path], args: argparse.Namespace) -> tuple[
         rgb = image_io.read_image(paths[0])
         lr = image_io.read_depth(paths[1])
         h, w = rgb.shape[:2]
-        if (lr.shape[0] * args.scale, lr.shape[1] * args.scale) != (h, w):
+        scale = DEFAULT_SCALE[variant] if args.scale is None else args.scale
+        if (lr.shape[0] * scale, lr.shape[1] * scale) != (h, w):
             raise UserError(
-                f"{paths[1]}: depth of shape {lr.shape} times scale {args.scale} does not match "
+                f"{paths[1]}: depth of shape {lr.shape} times scale {scale} does not match "
                 f"the {h}x{w} RGB image {paths[0]}"
             )
         normalised, lo, hi = gdsr_normalised_depth(lr)
@@ -124,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
         "--format", help="output suffix in directory mode (default .png; GDSR .npy, the only one)"
     )
     p.add_argument("--pad", choices=("official", "model"), default="official")
-    p.add_argument("--scale", type=int, default=4, help="GDSR upsampling factor")
+    p.add_argument("--scale", type=int, help="GDSR upsampling factor (default: gdsr 4, gdsr16 16)")
     p.add_argument("--exposures", type=float, nargs="+", help="HDR: EV stops of the frames")
     p.add_argument("--exposure-file", type=Path, help="HDR: Kalantari exposure.txt")
     p.add_argument(
@@ -162,6 +165,24 @@ def _check_tiling(args: argparse.Namespace) -> None:
         raise UserError("--tile-overlap needs --tile")
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Options that do not apply to the variant or the mode are errors, not ignored."""
+    if args.scale is not None and not args.variant.startswith("gdsr"):
+        raise UserError(f"--scale applies to GDSR only, not to {args.variant!r}")
+    if args.scale is not None and args.scale < 1:
+        raise UserError(f"--scale must be a positive integer, got {args.scale}")
+    exposures = {"--exposures": args.exposures, "--exposure-file": args.exposure_file}
+    given = [flag for flag, value in exposures.items() if value is not None]
+    if given and args.variant != "hdr":
+        raise UserError(f"{given[0]} applies to HDR only, not to {args.variant!r}")
+    if len(given) == 2:
+        raise UserError("give --exposures or --exposure-file, not both")
+    if not args.input_dir and args.format is not None:
+        raise UserError("--format applies with --input-dir only; --output's suffix picks it")
+    if not args.input_dir and args.output_dir is not None:
+        raise UserError("--output-dir needs --input-dir")
+
+
 def _check_output_dir(directory: Path) -> None:
     """--output-dir: an existing directory, or one that can be made (it is made only when the
     first output is written, so that a run stopped by bad input leaves nothing behind)."""
@@ -196,6 +217,7 @@ def _jobs(args: argparse.Namespace) -> list[tuple[list[Path], Path]]:
 
 
 def fuse_files(args: argparse.Namespace, progress: Callable = lambda x, **_: x) -> None:
+    _check_options(args)
     _check_tiling(args)
     jobs = _jobs(args)
     for paths, out in jobs:

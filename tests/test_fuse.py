@@ -365,6 +365,25 @@ def test_depth_files_of_the_wrong_kind(reference: Path, tmp_path: Path, capsys):
         assert name in message and expected in message, message
 
 
+@pytest.mark.parametrize(
+    "variant, extra, message",
+    [
+        ("mff", ("--scale", "4"), "--scale applies to GDSR only, not to 'mff'"),
+        ("gdsr", ("--scale", "0"), "--scale must be a positive integer, got 0"),
+        ("mef", ("--exposures", "0", "2"), "--exposures applies to HDR only, not to 'mef'"),
+        ("mff", ("--exposure-file", "e.txt"), "--exposure-file applies to HDR only"),
+        ("hdr", ("--exposures", "0", "2", "4", "--exposure-file", "e.txt"), "not both"),
+        ("mff", ("--format", ".tif"), "--format applies with --input-dir only"),
+        ("mff", ("--output-dir", "outputs"), "--output-dir needs --input-dir"),
+    ],
+)
+def test_options_that_do_not_apply(tmp_path: Path, capsys, variant, extra, message):
+    """An option the variant or the mode does not use is an error before anything is read (the
+    weights and inputs here do not exist)."""
+    args = ("--variant", variant, "--weights", tmp_path / "w.pth", "--output", tmp_path / "o.png")
+    assert message in _bad(capsys, tmp_path, *args, tmp_path / "a.png", *extra)
+
+
 def test_directory_mode_bad_input_leaves_nothing(mff_weights: Path, tmp_path: Path, capsys):
     """Bad directory-mode input stops before the output directory is made."""
     dirs = [tmp_path / "A", tmp_path / "B"]
