@@ -99,6 +99,9 @@ def test_converted_directory_and_model_padding(reference: Path, mff_weights: Pat
 
 
 def test_mef_directory_mode(reference: Path, tmp_path: Path):
+    """Two MEF pairs through directory mode (`--format` without its dot), each output equal to
+    the network run on the pair flip-padded here as the official script pads: the flipped image
+    appended below, then to the right, to the next multiple of 8 beyond each side."""
     under, over = tmp_path / "under", tmp_path / "over"
     under.mkdir()
     over.mkdir()
@@ -121,10 +124,18 @@ def test_mef_directory_mode(reference: Path, tmp_path: Path):
         "--output-dir",
         out,
         "--format",
-        "jpg",
+        "npy",
     )
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["ArchSequence_A.jpg", "Arno_A.jpg"]
+    assert sorted(p.name for p in out.iterdir()) == ["ArchSequence_A.npy", "Arno_A.npy"]
+    for name in ("Arno", "ArchSequence"):
+        pair = [image_io.read_image(d / f"{name}_{t}.png") for d, t in ((under, "A"), (over, "B"))]
+        padded = []
+        for x in pair:  # 32 x 40 -> 40 x 48
+            x = np.concatenate([x, x[::-1]], axis=0)[:40]
+            padded.append(np.concatenate([x, x[:, ::-1]], axis=1)[:, :48])
+        expected = _network(reference / "variants/mef_random.pth", "mef", padded)[:32, :40]
+        np.testing.assert_allclose(np.load(out / f"{name}_A.npy"), expected, atol=1e-5)
 
 
 def test_hdr_writes_radiance(reference: Path, tmp_path: Path):
