@@ -195,6 +195,8 @@ def test_official_hdr_edge_block_too_thin(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_single_tile_equals_untiled(reference: Path, forward: Callable[..., jax.Array]):
+    """`run` with a tile larger than the image takes the untiled path (bit-identical), and the
+    tiled path itself, on one tile of blend weight 1, reproduces it exactly too."""
     inputs = _pair(reference, "lytro_03")
     untiled = run(forward, inputs, WINDOW)
     np.testing.assert_array_equal(run(forward, inputs, WINDOW, tile=TILE), untiled)
