@@ -19,6 +19,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -243,6 +244,29 @@ def save_converted(model: MGDN, cfg: ml_collections.ConfigDict, output: str | Pa
         raise
 
 
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{dotted parameter path: shape} of a parameter tree or of orbax's metadata tree (the
+    trailing `value` of a Variable dropped)."""
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        shapes[".".join(keys[:-1] if keys[-1] == "value" else keys)] = tuple(leaf.shape)
+    return shapes
+
+
+def _check_stored_shapes(directory: Path, stored: dict, wanted: dict) -> None:
+    """A one-line `UserError` naming the first parameter that config.json and the stored
+    parameters disagree on (before restoring: orbax's failed restores leave its background
+    threads printing tracebacks)."""
+    for name in sorted(stored.keys() | wanted.keys()):
+        if stored.get(name) != wanted.get(name):
+            have, want = (d.get(name, "absent") for d in (stored, wanted))
+            raise UserError(
+                f"{directory}: config.json does not match the stored parameters ({name}: "
+                f"stored {have}, config.json gives {want})"
+            )
+
+
 def load_converted(directory: str | Path) -> tuple[MGDN, ml_collections.ConfigDict]:
     """Loads a directory written by `save_converted` (or by training) into a model."""
     import orbax.checkpoint as ocp
@@ -266,7 +290,11 @@ def load_converted(directory: str | Path) -> tuple[MGDN, ml_collections.ConfigDi
     )
     try:
         with ocp.StandardCheckpointer() as ckptr:
+            stored = ckptr.metadata(directory / "params").item_metadata
+            _check_stored_shapes(directory, _shapes(stored), _shapes(abstract))
             restored = ckptr.restore(directory / "params", abstract)
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"{directory}: cannot restore parameters ({e})".splitlines()[0]) from e
     nnx.update(model, restored)

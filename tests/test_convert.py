@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -138,6 +140,17 @@ def test_cli_round_trip_and_existing_output(reference, tmp_path, capsys):
     assert convert.main([str(source), "--variant", "mef", "--output", str(out)]) == EXIT_USAGE
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+    # A config.json that contradicts the stored parameters: one error, before orbax restores.
+    config = json.loads((out / "config.json").read_text())
+    for change, message in (
+        ({"embed_dim": 30}, "embed.0.bias: stored (60,), config.json gives (30,)"),
+        ({"depths": [6, 7]}, "stages.1.transformer.blocks.6.attn.proj.bias: stored absent"),
+    ):
+        (out / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UserError, match=re.escape(f"{out}: config.json does not match")) as e:
+            convert.load_converted(out)
+        assert message in str(e.value)
 
 
 def test_unwritable_output_is_checked_first(tmp_path, capsys, monkeypatch):
