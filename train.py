@@ -43,7 +43,7 @@ from mgdn_jax.errors import EXIT_USAGE, config_error, run_cli
 
 def _exit_config_error(e: Exception) -> None:
     """Reports what ml_collections raised for `--config` as one `error: ...` line, exit 2."""
-    print(f"error: {config_error(e)}", file=sys.stderr)
+    print(f"error: {config_error(e, sys.argv)}", file=sys.stderr)
     sys.exit(EXIT_USAGE)
 
 
@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
         try:
             config = _CONFIG.value
         except Exception as e:  # config_flags raises a config file's load error on first access
-            raise config_error(e) from e
+            raise config_error(e, sys.argv) from e
         train_lib.train_and_evaluate(config, _WORKDIR.value)
 
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -25,13 +25,26 @@ def run_cli(fn: Callable[[], None]) -> int:
     return 0
 
 
-def config_error(e: Exception) -> UserError:
-    """What ml_collections' `--config` flag raised while loading the config file or applying a
-    `--config.FIELD=VALUE` override (it passes on the loader's own exception) as one line."""
+def _config_file(argv: Sequence[str]) -> str | None:
+    """The file named by `--config FILE[:ARG]` or `--config=FILE[:ARG]` in `argv`, if any."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.removeprefix("--config=").split(":")[0]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+    return None
+
+
+def config_error(e: Exception, argv: Sequence[str]) -> UserError:
+    """What ml_collections' `--config` flag raised while loading the config file named in
+    `argv` or applying a `--config.FIELD=VALUE` override (it passes on the loader's own
+    exception) as one line."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     field = re.fullmatch(r"""["']*([A-Za-z_]\w*)["']*""", lines[0] if lines else "")
     if isinstance(e, (AttributeError, KeyError)) and field:
         return UserError(f"unknown config field '{field[1]}' in a --config override")
+    if isinstance(e, AttributeError) and "'get_config'" in str(e):
+        return UserError(f"--config {_config_file(argv)}: the file defines no get_config()")
     return UserError(f"--config: {lines[-1] if lines else type(e).__name__}")
 
 

@@ -333,7 +333,7 @@ def _parse(argv: list[str]) -> tuple[ml_collections.ConfigDict, Path]:
     try:
         extra = flag_values(argv)[1:]
     except Exception as e:  # config_flags passes on whatever loading the config file raised
-        raise config_error(e) from e
+        raise config_error(e, argv) from e
     if extra:
         raise UserError(f"unexpected arguments: {' '.join(extra)}")
     if config.value is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,7 @@ def test_cli_results_files_without_tensorflow(synthetic_tiny: Path, tiny_weights
         ({}, "no weights: pass --config.weights=PATH"),
         ({"--config.weights": "{tmp}/missing"}, "missing: no such file or directory"),
         ({"--config": "{tmp}/missing.py"}, "missing.py"),
+        ({"--config": "{tmp}/no_get_config.py:2"}, "no_get_config.py: the file defines no get_"),
         ({"--config.eval.dataset": "no_such_set"}, "unknown dataset 'no_such_set'"),
         ({"--config.eval.dataset": "mff_lytro"}, "mff_lytro is not prepared in"),
         ({"--config.eval.split": "validation"}, "Unknown split 'validation'"),
@@ -158,9 +160,13 @@ def test_bad_input_is_one_line_and_exit_2(
     tiny_weights: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
     changes: dict[str, str],
     message: str,
 ):
+    # ml_collections executes every config file into one module object, sys.modules'
+    # "config_config", so in one process a file without get_config() would find an earlier one's.
+    monkeypatch.delitem(sys.modules, "config_config", raising=False)
     flags = {
         "--config": str(CONFIGS / "synthetic_mff.py"),
         "--config.eval.dataset": "synthetic_fusion/mff_tiny",
@@ -169,6 +175,7 @@ def test_bad_input_is_one_line_and_exit_2(
         **({"--config.weights": str(tiny_weights)} if changes else {}),
         **{k: v.format(tmp=tmp_path) for k, v in changes.items()},
     }
+    (tmp_path / "no_get_config.py").write_text("VALUE = 1\n")
     if changes.get("--config.eval.dataset") == "mff_lytro":
         flags["--config.data.data_dir"] = str(tmp_path / "empty")
     assert evaluate.main([f"{k}={v}" for k, v in flags.items()]) == 2
