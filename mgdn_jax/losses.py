@@ -283,16 +283,17 @@ JOINT_COUNTS: dict[str, Callable[..., jax.Array]] = {
     "scattered": _scattered_joint,
 }
 # Per lowering platform (`jax.lax.platform_dependent`'s names), the `JOINT_COUNTS` key the loss
-# runs; other platforms run "dense", whose matmul suits GPUs and TPUs (scatters are slow on
-# TPU). On CPU, building the dense memberships costs more than the matmul that uses them: the
-# segment sum is 2.6x faster (bench/nmi.py, README).
+# runs; other platforms run `_GENERAL_JOINT_COUNTS`, whose matmul suits GPUs and TPUs (scatters
+# are slow on TPU). On CPU, building the dense memberships costs more than the matmul that uses
+# them: the segment sum is 2.6x faster (bench/nmi.py, README).
 _JOINT_COUNTS_ON = {"cpu": "scattered"}
+_GENERAL_JOINT_COUNTS = "dense"
 
 
 def default_joint_counts(platform: str) -> str:
     """The `JOINT_COUNTS` key the NMI loss runs when lowered for `platform` ("cpu", "cuda",
     "rocm", "tpu")."""
-    return _JOINT_COUNTS_ON.get(platform, "dense")
+    return _JOINT_COUNTS_ON.get(platform, _GENERAL_JOINT_COUNTS)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -325,7 +326,7 @@ def _soft_joint(
         return formulation(counts)(u1, u2, weight)
     per_platform = {p: formulation(default_joint_counts(p)) for p in _JOINT_COUNTS_ON}
     return jax.lax.platform_dependent(
-        u1, u2, weight, default=formulation(default_joint_counts("default")), **per_platform
+        u1, u2, weight, default=formulation(_GENERAL_JOINT_COUNTS), **per_platform
     )
 
 
