@@ -218,13 +218,20 @@ def _allow_worker_processes() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def check_loader_config(data: ml_collections.ConfigDict) -> None:
-    """A one-line `UserError` unless `data.num_workers`, `read_threads` and `prefetch_buffer`
-    are integers >= 0 (grain's own errors for them are tracebacks from inside its loader)."""
-    for field in ("num_workers", "read_threads", "prefetch_buffer"):
+def check_counts(data: ml_collections.ConfigDict, least: int, *fields: str) -> None:
+    """A one-line `UserError` unless every `data.FIELD` is an integer >= `least` (a bool is
+    not a count)."""
+    for field in fields:
         value = data[field]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise UserError(f"data.{field} must be an integer >= 0, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            bound = "a positive integer" if least == 1 else f"an integer >= {least}"
+            raise UserError(f"data.{field} must be {bound}, got {value!r}")
+
+
+def check_loader_config(data: ml_collections.ConfigDict) -> None:
+    """`check_counts` of `data.num_workers`, `read_threads` and `prefetch_buffer` (>= 0; grain's
+    own errors for them are tracebacks from inside its loader)."""
+    check_counts(data, 0, "num_workers", "read_threads", "prefetch_buffer")
 
 
 def _read_options(data: ml_collections.ConfigDict) -> grain.ReadOptions:

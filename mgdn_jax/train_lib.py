@@ -517,10 +517,7 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
     if config.compute_dtype not in COMPUTE_DTYPES:
         known = ", ".join(COMPUTE_DTYPES)
         raise UserError(f"compute_dtype {config.compute_dtype!r}: expected one of {known}")
-    for field in ("patch_size", "global_batch"):
-        value = config.data[field]
-        if not isinstance(value, int) or value <= 0:
-            raise UserError(f"data.{field} must be a positive integer, got {value!r}")
+    input_pipeline.check_counts(config.data, 1, "patch_size", "global_batch")
     input_pipeline.check_loader_config(config.data)
     evaluate.check_dataset(config.data.train_dataset, config.data.data_dir)
 
